@@ -67,6 +67,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                                "<pad>": self.tokenizer.pad_id}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token", "clean_up_tokenization_spaces"):
             kwargs.pop(key, None)
+        # Text is always plain text: a literal "</s>" inside a document must not become <eos>.
+        kwargs["split_special_tokens"] = True
         super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=False,
                          bos_token="<s>", eos_token="</s>", pad_token="<unk>", unk_token="<unk>", **kwargs)
 
