@@ -16,6 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 TOKENIZER_DIR = os.path.join(REPO, "chatglm_tokenizer")
 sys.path.insert(0, REPO)
+# The test models are tiny: one thread each is faster than two fighting over 2 cores, and the 2-process
+# torchrun tests would otherwise oversubscribe them. Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def need_shared(*parts: str) -> str:
