@@ -309,7 +309,8 @@ def _iter_hf(dataset: str, start: Position) -> Iterator[RawItem]:
 
 # ---------------------------------------------------------------- record → text
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages ("null", "array", ...)."""
     names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
              list: "array", dict: "object"}
     return names.get(type(value), type(value).__name__)
@@ -320,12 +321,12 @@ def str_field(record: Any, field: str, label: str | None = None) -> str:
     is missing, or it is not a string."""
     label = label or field
     if not isinstance(record, dict):
-        raise BadRecord(f"not a JSON object (got {_json_type(record)})")
+        raise BadRecord(f"not a JSON object (got {json_type(record)})")
     if field not in record:
         raise BadRecord(f"missing field '{label}'")
     value = record[field]
     if not isinstance(value, str):
-        raise BadRecord(f"field '{label}' is not a string (got {_json_type(value)})")
+        raise BadRecord(f"field '{label}' is not a string (got {json_type(value)})")
     return value
 
 
@@ -345,12 +346,12 @@ def baike_text(record: Any) -> str:
     title = str_field(record, "title")
     summary = record.get("summary")
     if summary is not None and not isinstance(summary, str):
-        raise BadRecord(f"field 'summary' is not a string (got {_json_type(summary)})")
+        raise BadRecord(f"field 'summary' is not a string (got {json_type(summary)})")
     sections = record.get("sections")
     if sections is None:
         sections = []
     if not isinstance(sections, list):
-        raise BadRecord(f"field 'sections' is not an array (got {_json_type(sections)})")
+        raise BadRecord(f"field 'sections' is not an array (got {json_type(sections)})")
     parts = [f"{title}：{summary or ''}"]
     for i, section in enumerate(sections):
         head = str_field(section, "title", f"sections[{i}].title")

@@ -680,7 +680,7 @@ def build_options(args: argparse.Namespace) -> Options:
                         ("--batch-docs", args.batch_docs)):
         if value < 1:
             raise CorpusError(f"{flag} must be at least {1 if flag != '--min-tokens' else 0}, got {value}")
-    specs = args.corpus or [_sample_spec(s) for s in SAMPLE_CORPORA]
+    specs = args.corpus or sample_corpus_specs()
     sources = [parse_corpus_spec(spec) for spec in specs]
     val_out = (args.val_out or default_val_path(args.out)) if args.val_fraction > 0 else None
     for path in [args.out] + ([val_out] if val_out else []):
@@ -691,9 +691,13 @@ def build_options(args: argparse.Namespace) -> Options:
                    args.strict, args.workers, args.batch_docs, args.tokenizer)
 
 
-def _sample_spec(spec: str) -> str:
-    name, path = spec.split("=", 1)
-    return f"{name}={os.path.join(REPO_DIR, path)}"
+def sample_corpus_specs() -> list[str]:
+    """The bundled sample corpora as --corpus specs with absolute paths (the default when none is given)."""
+    specs = []
+    for spec in SAMPLE_CORPORA:
+        name, path = spec.split("=", 1)
+        specs.append(f"{name}={os.path.join(REPO_DIR, path)}")
+    return specs
 
 
 def _check_writable_folder(path: str) -> None:

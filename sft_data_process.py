@@ -36,7 +36,6 @@ import argparse
 import csv
 import hashlib
 import json
-import lzma
 import os
 import re
 import sys
@@ -45,10 +44,9 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Callable, Iterator, NamedTuple, TextIO
 
-import zstandard
 from tqdm import tqdm
 
-from corpus_io import BadRecord, CorpusError, SkipLog, expand_paths, iter_records, str_field
+from corpus_io import READ_ERRORS, BadRecord, CorpusError, SkipLog, expand_paths, iter_records, json_type, str_field
 
 COLUMNS = ("prompt", "answer", "history", "source")
 DEFAULT_OUT = os.path.join("sft_data", "sft_data.csv")
@@ -61,10 +59,6 @@ DEFAULT_CORPORA = (
 )
 # json.loads accepts "\ud83d" escapes that are not characters; they cannot be written as UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
-               list: "array", dict: "object"}
-# Failures of reading a file (permissions, corrupt .gz/.bz2/.xz/.zst); corpus_io lets them through.
-READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)
 HUATUO_PREFIXES = (("问：", "问:"), ("答：", "答:"))   # full-width colon in the data; ASCII tolerated
 DISC_ROLES = {"user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -77,10 +71,6 @@ class Dialogue(NamedTuple):
 
 
 # ---------------------------------------------------------------- record → dialogue
-
-def _json_type(value: Any) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
 
 def _clean(text: str, label: str) -> str:
     """`text` stripped; BadRecord when it holds a lone surrogate (not valid Unicode, cannot be written)."""
@@ -96,11 +86,11 @@ def _text(record: Any, field: str, label: str | None = None) -> str:
 
 def _list_field(record: Any, field: str) -> list:
     if not isinstance(record, dict):
-        raise BadRecord(f"not a JSON object (got {_json_type(record)})")
+        raise BadRecord(f"not a JSON object (got {json_type(record)})")
     if field not in record:
         raise BadRecord(f"missing field '{field}'")
     if not isinstance(record[field], list):
-        raise BadRecord(f"field '{field}' is not an array (got {_json_type(record[field])})")
+        raise BadRecord(f"field '{field}' is not an array (got {json_type(record[field])})")
     return record[field]
 
 
@@ -135,7 +125,7 @@ def huatuo_dialogue(record: Any) -> Dialogue:
     for i, item in enumerate(_list_field(record, "data")):
         label = f"data[{i}]"
         if not isinstance(item, str):
-            raise BadRecord(f"field '{label}' is not a string (got {_json_type(item)})")
+            raise BadRecord(f"field '{label}' is not a string (got {json_type(item)})")
         prefixes = HUATUO_PREFIXES[i % 2]
         if not item.startswith(prefixes):
             raise BadRecord(f"bad turn prefix (field '{label}' should start with {prefixes[0]})")

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from chatglm_tokenizer import DEFAULT_TOKENIZER, TokenizerError, resolve_tokenizer_dir, tokenizer_identity
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
 from corpus_io import CorpusError, CorpusSource, SkipLog, iter_source_texts, parse_corpus_spec, write_atomic_text
-from data_process import SAMPLE_CORPORA, _sample_spec, text_keys
+from data_process import sample_corpus_specs, text_keys
 
 MAX_VOCAB = 65535            # ids 0..65534: every one fits a uint16 token file
 MIN_VOCAB = 300              # 3 specials + 256 byte pieces + 5 GLM specials, and a few characters
@@ -332,7 +332,7 @@ def check_args(args: argparse.Namespace) -> list[CorpusSource]:
     if args.holdout_docs < 0:
         raise TrainTokenizerError(f"--holdout_docs must be at least 0, got {args.holdout_docs}")
     check_output(args.out, args.overwrite)
-    specs = args.corpus or [_sample_spec(s) for s in SAMPLE_CORPORA]
+    specs = args.corpus or sample_corpus_specs()
     return [parse_corpus_spec(spec) for spec in specs]
 
 

@@ -21,7 +21,7 @@ import train_tokenizer
 from chatglm_tokenizer import load_tokenizer, tokenizer_identity
 from conftest import REPO
 from corpus_io import iter_corpus_texts
-from data_process import SAMPLE_CORPORA, _sample_spec
+from data_process import sample_corpus_specs
 
 SMALL_VOCAB = 4000  # the bundled sample's characters need about 1,900 ids at coverage 0.9995
 
@@ -182,7 +182,7 @@ def test_comparison_with_chatglm2_on_held_out_text(tmp_path, tokenizer_dir):
     code, stdout, stderr = run_main([f"--vocab_size={SMALL_VOCAB}", f"--out={out}", "--holdout_fraction=0.3",
                                      f"--compare_with={tokenizer_dir}"])
     assert code == 0, stderr
-    texts = [t for t in iter_corpus_texts([_sample_spec(s) for s in SAMPLE_CORPORA])
+    texts = [t for t in iter_corpus_texts(sample_corpus_specs())
              if train_tokenizer.is_held_out(t, 0.3)]
     info = json.load(open(os.path.join(out, "train_tokenizer.json"), encoding="utf-8"))["held_out_comparison"]
     for folder in (out, tokenizer_dir):
