@@ -1,0 +1,83 @@
+"""Distributed parity on CPU (gloo): `torchrun --nproc_per_node=2` with DDP, and with FSDP2 resuming a
+one-process checkpoint, must train exactly what one process with 2x gradient accumulation trains.
+
+    python -m pytest -q tests/test_trainer_dist.py
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain
+import trainer
+from test_trainer import flags, load, make_data, train_losses
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")   # two ranks share the test machine's cores
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py", *argv]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        # the same sums in another order: fp32 rounding only
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, micro batch 2 x 2 accumulation steps; checkpoints at step 3 and 6."""
+    folder = tmp_path_factory.mktemp("dist")
+    data = make_data(folder / "data")
+    out = folder / "single"
+    pretrain.main(flags(data, out, micro_batch_size=2, grad_accum_steps=2, max_iters=STEPS, save_interval=3,
+                        eval_interval=3, keep_last=5))
+    return data, out
+
+
+def test_ddp_two_ranks_equal_one_process_with_accumulation(single):
+    data, single_out = single
+    out = single_out.parent / "ddp"
+    # micro batch 1 x 2 accumulation steps x 2 ranks reads the windows the single process reads (DDP holds back
+    # the all-reduce on the first micro batch); eval: 2 batches of 1 per rank = the single run's 2 batches of 2
+    done = torchrun(flags(data, out, micro_batch_size=1, grad_accum_steps=2, max_iters=STEPS, save_interval=3,
+                          eval_interval=3, eval_iters=2))
+    assert "x 2 ranks" in done.stdout and "DDP" in done.stdout
+    ref, got = train_losses(single_out), train_losses(out)
+    assert got.keys() == ref.keys() == set(range(1, STEPS + 1))
+    assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5)
+    assert_close_weights(load(out / "ckpt.pt")["model"], load(single_out / "ckpt.pt")["model"])
+    val = [[r["val_loss"] for r in trainer.read_metrics(str(o / "metrics.jsonl")) if "val_loss" in r]
+           for o in (single_out, out)]
+    assert val[1] == pytest.approx(val[0], rel=1e-5)   # evaluation averaged across ranks
+
+
+def test_fsdp_resumes_a_one_process_checkpoint_and_matches(single):
+    data, single_out = single
+    out = single_out.parent / "fsdp"
+    os.makedirs(out)
+    shutil.copyfile(single_out / "ckpt_0000003.pt", out / "ckpt.pt")
+    shutil.copyfile(single_out / "metrics.jsonl", out / "metrics.jsonl")
+    done = torchrun(flags(data, out, micro_batch_size=2, grad_accum_steps=1, max_iters=STEPS, save_interval=3,
+                          eval_interval=3) + ["--fsdp", "--resume"])
+    assert "FSDP2" in done.stdout and "resuming" in done.stdout
+    ref, got = train_losses(single_out), train_losses(out)
+    assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5)
+    saved = load(out / "ckpt.pt")   # written under FSDP: full fp32 weights gathered on rank 0
+    assert saved["step"] == STEPS and saved["world_size"] == 2
+    assert_close_weights(saved["model"], load(single_out / "ckpt.pt")["model"])
+    ref_optimizer = load(single_out / "ckpt.pt")["optimizer"]["state"]
+    for name, state in saved["optimizer"]["state"].items():
+        torch.testing.assert_close(state["exp_avg"], ref_optimizer[name]["exp_avg"], rtol=1e-3, atol=1e-6, msg=name)

@@ -1,0 +1,1112 @@
+"""The one training loop, shared by pretrain.py and sft.py: config, distributed setup, checkpoints, logging.
+
+    python pretrain.py --preset=tiny --max_iters=200                       # CPU demo
+    torchrun --standalone --nproc_per_node=4 pretrain.py --preset=92m      # 4 GPUs, DDP
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        pretrain.py --preset=218m --fsdp                                   # FSDP2 over 16 GPUs
+    python pretrain.py --help                                              # every TrainConfig field
+
+    from trainer import TrainConfig, parse_config, setup_distributed, resolve_model_args, train, run_cli
+    cfg = parse_config(sys.argv[1:], TrainConfig(out_dir="out/sft", lr=2e-5))
+    ctx = setup_distributed()                  # rank, world_size, device; works with and without torchrun
+    model_args = resolve_model_args(cfg, ctx, tokenizer_identity)
+    summary = train(cfg, ctx, model_args, train_ds, val_ds, tokenizer_identity)
+
+A stage script builds its BatchSources (dataset.PretrainDataset, dataset_sft.SFTDataset) after
+setup_distributed() and hands them to train(), which owns everything else: the model, resume / init_from,
+DDP or FSDP, mixed precision, the optimizer and LR schedule, evaluation, checkpoints and logs.
+
+One optimizer step = grad_accum_steps micro batches per rank. Its loss is the sum of token losses over all
+micro batches of all ranks divided by the number of target tokens among them (all-reduced before the
+forward passes), so SFT's loss is the mean over answer tokens of the step, not a mean of batch means, and
+one process with 2x accumulation computes exactly what two processes compute.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm
+
+from chatglm_tokenizer import TokenizerError, check_same_tokenizer
+from model import (PRESETS, CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file,
+                   model_args_from_preset)
+
+CKPT_LATEST, CKPT_BEST = "ckpt.pt", "best.pt"
+_STEP_CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
+_RESUME_KEYS = ("model", "optimizer", "step", "model_args", "config", "tokenizer", "data_state", "rng")
+
+
+class ConfigError(ValueError):
+    """A bad command-line flag or config value; the message names the flag."""
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message is one line saying what to do."""
+
+
+# ------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Everything a training run reads. pretrain.py and sft.py set their own defaults; `--key=value` overrides."""
+
+    data: str = "data/pretrain_data.bin"
+    """Training data: .bin files or glob patterns, comma-separated (sft.py: its CSV)."""
+    val_data: str = ""
+    """Validation data; '' = the split data_process.py wrote beside the first data file, if any; 'none' = off."""
+    out_dir: str = "out/pretrain"
+    """Folder for checkpoints (ckpt.pt, ckpt_NNNNNNN.pt, best.pt), metrics.jsonl and loss.png."""
+    preset: str = "92m"
+    """Model size from model.PRESETS (tiny, 92m, 218m); with --resume or --init_from their shape is used instead."""
+    seq_len: int = 0
+    """Tokens per training sequence; 0 = the model's max_seq_len (preset or checkpoint)."""
+    tokenizer: str = ""
+    """Tokenizer folder the data must match; '' = the tokenizer named by the data's manifest."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass on each rank."""
+    grad_accum_steps: int = 2
+    """Micro batches per optimizer step on each rank (derived instead when batch_tokens > 0)."""
+    batch_tokens: int = 0
+    """Global batch in tokens per optimizer step; > 0 sets grad_accum_steps = batch_tokens /
+    (micro_batch_size * seq_len * world_size), which must divide exactly."""
+    max_iters: int = 0
+    """Optimizer steps of the whole run; 0 = as many as `epochs` passes over the training data take."""
+    epochs: float = 1.0
+    """Passes over the training data when max_iters is 0."""
+    lr: float = 3e-4
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay and after it."""
+    warmup_iters: int = -1
+    """Steps of linear warmup; -1 = min(1000, max_iters // 10)."""
+    lr_decay_iters: int = 0
+    """Step at which the cosine decay reaches min_lr; 0 = max_iters."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices (embeddings, linear weights) only, never to norms."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping."""
+    dtype: str = "auto"
+    """auto | bf16 | fp16 | fp32. auto = bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU.
+    Master weights, optimizer state and checkpoints are always fp32."""
+    compile: str = "auto"
+    """auto | true | false: torch.compile the model. auto = on with CUDA, off on CPU."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with FSDP2 (fully_shard) instead of replicating (DDP)."""
+    eval_interval: int = 500
+    """Evaluate on the validation data every this many steps (and at the start and the end)."""
+    eval_iters: int = 50
+    """Validation micro batches per rank per evaluation."""
+    save_interval: int = 1000
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 3
+    """Step-numbered checkpoints to keep; ckpt.pt is always the newest, best.pt the best validation loss."""
+    log_interval: int = 10
+    """Log loss, lr, tokens/s and MFU every this many steps (metrics.jsonl, progress bar)."""
+    seed: int = 1337
+    """Seed of the initial weights, the data order and dropout."""
+    resume: bool = False
+    """Continue the run in out_dir from its newest readable checkpoint (weights, optimizer, data position, RNG)."""
+    init_from: str = ""
+    """Start from these weights (a checkpoint, a seed-style .pth or an exported HF folder), fresh optimizer."""
+    overwrite: bool = False
+    """Start a new run in an out_dir that already holds one, deleting its checkpoints (without it, refused)."""
+    max_bad_steps: int = 20
+    """Stop after this many steps in a row whose loss or gradient was not finite (each one is skipped)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (out_dir/tensorboard); needs the tensorboard package."""
+    wandb_project: str = ""
+    """Also log to this Weights & Biases project; needs the wandb package."""
+    wandb_run_name: str = ""
+    """Name of the wandb run; '' = wandb's default."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):
+            self.compile = str(self.compile).lower()
+        self.dtype, self.compile = self.dtype.lower(), self.compile.lower()
+        choices = {"dtype": ("auto", "bf16", "fp16", "fp32"), "compile": ("auto", "true", "false")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name}={getattr(self, name)}: choose one of {', '.join(allowed)}")
+        for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "save_interval",
+                     "keep_last", "log_interval", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 1")
+        for name in ("seq_len", "batch_tokens", "max_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset={self.preset}: choose one of {', '.join(PRESETS)}")
+        self._check_optimizer_values()
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: --overwrite deletes the run --resume "
+                              "would continue")
+        if self.resume and self.init_from:
+            raise ConfigError(f"--resume and --init_from={self.init_from} exclude each other: --resume continues "
+                              f"the run in --out_dir, --init_from starts a new run from weights")
+
+    def _check_optimizer_values(self) -> None:
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--lr={self.lr} --min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.warmup_iters < -1:
+            raise ConfigError(f"--warmup_iters={self.warmup_iters}: must be >= 0, or -1 for the default")
+        if self.epochs <= 0 and self.max_iters == 0:
+            raise ConfigError(f"--epochs={self.epochs}: must be > 0 when --max_iters is 0")
+
+
+def _parse_value(name: str, kind: Any, text: str) -> Any:
+    """`text` as the type of field `name`; ConfigError naming --name when it does not parse."""
+    try:
+        if kind is bool or kind == "bool":
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if kind is int or kind == "int":
+            number = float(text.replace("_", ""))     # accepts 2e4 and 20_000
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float or kind == "float":
+            return float(text)
+        return text
+    except ValueError:
+        kind_name = getattr(kind, "__name__", kind)
+        raise ConfigError(f"--{name}={text}: expected {kind_name}") from None
+
+
+def _split_flags(argv: list[str]) -> Iterator[tuple[str, str]]:
+    """(key, value) pairs of `--key=value`, `--key value` and bare `--key` (= true)."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else "true"
+            i += has_value
+        yield key.replace("-", "_"), value
+        i += 1
+
+
+def parse_config(argv: list[str], defaults: TrainConfig) -> TrainConfig:
+    """`defaults` with `--key=value` overrides applied (any dataclass works, e.g. a TrainConfig subclass).
+    Values are checked against the field types; `--flag` alone means true. --help prints every field."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(type(defaults), defaults))
+        raise SystemExit(0)
+    kinds = {f.name: f.type for f in fields(defaults)}
+    overrides: dict[str, Any] = {}
+    for key, value in _split_flags(argv):
+        if key not in kinds:
+            raise ConfigError(f"unknown flag --{key} (--help lists them)")
+        overrides[key] = _parse_value(key, kinds[key], value)
+    return dataclasses.replace(defaults, **overrides)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (and its bases), read from the source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            body = ast.parse(inspect.getsource(klass)).body[0].body
+        except (OSError, TypeError, IndexError, AttributeError):
+            continue
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) \
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def config_help(cls: type, defaults: Any) -> str:
+    docs = field_docs(cls)
+    lines = ["flags (--key=value; --flag alone = true):"]
+    for f in fields(cls):
+        flag = f"--{f.name}={getattr(defaults, f.name)}"
+        lines.append(f"  {flag:<34} {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def format_config(cfg: Any) -> str:
+    return "config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items())
+
+
+# -------------------------------------------------------------------------------------- distributed
+@dataclass
+class DistContext:
+    """Where this process runs: its rank among world_size processes and its device."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def setup_distributed() -> DistContext:
+    """Join the torchrun process group when launched by torchrun (nccl with CUDA, gloo otherwise), else run
+    as the only process. The GPU is cuda:LOCAL_RANK; CUDA_VISIBLE_DEVICES is never touched."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0)) if launched else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise TrainError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+                             f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if launched and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return DistContext(rank, local_rank, world_size, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _on_rank0(ctx: DistContext, fn: Callable[[], Any]) -> Any:
+    """Run fn on rank 0 only; every rank gets its (small, picklable) result or raises its error, so a
+    failure on rank 0 (a corrupt checkpoint, a full disk) stops all ranks instead of hanging them."""
+    result, error = None, None
+    if ctx.is_master:
+        try:
+            result = fn()
+        except (ConfigError, TrainError, TokenizerError, CheckpointError, OSError) as exc:
+            error = f"{exc}" if not isinstance(exc, OSError) else f"{exc.filename or ''}: {exc.strerror or exc}"
+    if ctx.distributed:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise TrainError(error)
+    return result
+
+
+def _all_reduce(ctx: DistContext, tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+# ---------------------------------------------------------------------------- precision, LR, MFU
+@dataclass
+class Precision:
+    name: str                              # bf16 | fp16 | fp32
+    autocast_dtype: torch.dtype | None     # None = no autocast (fp32)
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def choose_precision(dtype: str, device: torch.device) -> Precision:
+    """dtype auto -> bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            dtype = "fp32"
+        else:
+            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype=bf16: {torch.cuda.get_device_name(device)} does not support bf16; "
+                          f"use --dtype=fp16 (with a GradScaler) or --dtype=auto")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
+    return Precision(dtype, autocast_dtype)
+
+
+def get_lr(step: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then min_lr.
+    A pure function of the step, so resuming needs no scheduler state."""
+    if step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
+    if step >= lr_decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# Dense bf16/fp16 tensor-core peak FLOP/s (fp32 accumulate) from NVIDIA's spec sheets, most specific name first.
+PEAK_FLOPS: list[tuple[str, float]] = [
+    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 366e12), ("L40", 181e12), ("L4", 121e12), ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12),
+    ("RTX 4090", 165e12), ("RTX 4080", 97.5e12), ("RTX 3090 Ti", 80e12), ("RTX 3090", 71e12),
+    ("RTX 3080", 59.5e12), ("V100", 125e12), ("T4", 65e12),
+]
+
+
+def peak_flops(device: torch.device, precision: Precision) -> float | None:
+    """Per-device peak FLOP/s for MFU, or None (CPU, fp32, or a GPU not in PEAK_FLOPS: tokens/s only)."""
+    if device.type != "cuda" or precision.autocast_dtype is None:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+# ------------------------------------------------------------------------------------- batch plan
+@dataclass
+class Plan:
+    """The run's shape, derived from the config, the world size and the data."""
+    seq_len: int
+    grad_accum_steps: int
+    max_iters: int
+    warmup_iters: int
+    lr_decay_iters: int
+    tokens_per_iter: int     # micro_batch_size * seq_len * grad_accum_steps * world_size (positions)
+
+
+def make_plan(cfg: TrainConfig, ctx: DistContext, seq_len: int, train_ds: "BatchSource") -> Plan:
+    per_micro = cfg.micro_batch_size * seq_len * ctx.world_size
+    accum = cfg.grad_accum_steps
+    if cfg.batch_tokens:
+        if cfg.batch_tokens % per_micro:
+            raise ConfigError(f"--batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
+                              f"world_size = {cfg.micro_batch_size} * {seq_len} * {ctx.world_size} = {per_micro}")
+        accum = cfg.batch_tokens // per_micro
+    max_iters = cfg.max_iters or math.ceil(cfg.epochs * len(train_ds) / accum)
+    warmup = cfg.warmup_iters if cfg.warmup_iters >= 0 else min(1000, max_iters // 10)
+    decay = cfg.lr_decay_iters or max_iters
+    return Plan(seq_len, accum, max_iters, warmup, max(decay, warmup), per_micro * accum)
+
+
+class BatchSource(Protocol):
+    """What train() reads; dataset.PretrainDataset and dataset_sft.SFTDataset implement it. state_dict must
+    be the same on every rank (train() saves rank 0's and every rank loads it)."""
+    epoch: int
+
+    def __len__(self) -> int: ...                                      # micro batches per epoch per rank
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...      # x, y [B, T] int64, y -100 = no loss
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+# ------------------------------------------------------------------------------------ model shape
+def resolve_model_args(cfg: TrainConfig, ctx: DistContext, tokenizer: dict) -> ModelArgs:
+    """The network's shape: the checkpoint's with --resume, the weights' with --init_from, else the preset with
+    the tokenizer's vocabulary; --seq_len sets max_seq_len. Refuses weights made for another tokenizer."""
+    def pick() -> dict:
+        if cfg.resume:
+            ckpt, path = find_checkpoint(cfg.out_dir, report=False)
+            args = ckpt["model_args"]
+            if cfg.seq_len and cfg.seq_len != args["max_seq_len"]:
+                raise ConfigError(f"--seq_len={cfg.seq_len}: the run in {cfg.out_dir} trains at seq_len "
+                                  f"{args['max_seq_len']}; resume with the same, or --init_from={path} for a new run")
+            check_same_tokenizer(ckpt["tokenizer"], tokenizer, f"the checkpoint {path}", "this run's data")
+            return args
+        if cfg.init_from:
+            return _init_model_args(cfg, tokenizer)
+        overrides = {"max_seq_len": cfg.seq_len} if cfg.seq_len else {}
+        return asdict(model_args_from_preset(cfg.preset, vocab_size=tokenizer["vocab_size"], **overrides))
+    return ModelArgs(**_on_rank0(ctx, pick))
+
+
+def recorded_tokenizer(cfg: TrainConfig) -> dict | None:
+    """The tokenizer identity that --resume's checkpoint or the --init_from weights record (None when there are
+    none, or they record none, like a seed .pth): a stage can default --tokenizer to it."""
+    if cfg.resume:
+        return find_checkpoint(cfg.out_dir, report=False)[0]["tokenizer"]
+    if cfg.init_from:
+        return load_model(cfg.init_from, n_heads=model_args_from_preset(cfg.preset).n_heads)[1]["tokenizer"]
+    return None
+
+
+def _init_model_args(cfg: TrainConfig, tokenizer: dict) -> dict:
+    """Shape of the --init_from weights (a seed .pth has no head count: the preset's n_heads is assumed)."""
+    n_heads = model_args_from_preset(cfg.preset).n_heads
+    _, meta = load_model(cfg.init_from, n_heads=n_heads, max_seq_len=cfg.seq_len or None)
+    args = meta["model_args"]
+    if args["vocab_size"] != tokenizer["vocab_size"]:
+        raise TrainError(f"--init_from={cfg.init_from} has a {args['vocab_size']}-token vocabulary but this run's "
+                         f"data uses {tokenizer.get('path')} with {tokenizer['vocab_size']}: the weights belong to "
+                         f"another tokenizer")
+    if meta["tokenizer"] is not None:
+        check_same_tokenizer(meta["tokenizer"], tokenizer, f"--init_from={cfg.init_from}", "this run's data")
+    else:
+        print(f"note: {cfg.init_from} records no tokenizer; its vocabulary size matches, so it is assumed to be "
+              f"{tokenizer.get('path')}", file=sys.stderr)
+    return args
+
+
+# ------------------------------------------------------------------------- model, wrapping, optimizer
+def _use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def wrap_model(model: Transformer, cfg: TrainConfig, ctx: DistContext) -> torch.nn.Module:
+    """Compile (in place, so parameter names keep no _orig_mod. prefix) and wrap for DDP or FSDP2."""
+    compile_model = _use_compile(cfg, ctx.device)
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        for block in model.layers:   # one FSDP unit per block: all-gather one block's weights at a time
+            if compile_model:
+                block.compile()
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)   # the root unit holds the (tied) embedding and the final norm
+        return model
+    if compile_model:
+        model.compile()
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # the rotary tables are buffers computed from ModelArgs: nothing to broadcast each forward
+        return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                   broadcast_buffers=False)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D: embeddings, linear weights) only; fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=True if device.type == "cuda" else None)
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to path.tmp, fsync, rename into place: a crash leaves the old file or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:   # platforms that cannot open a directory (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Make dst the same file as src (a hard link costs no space or time; a copy where links fail), atomically."""
+    tmp = dst + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def step_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of out_dir's ckpt_NNNNNNN.pt files, newest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(out_dir, name))
+             for name in os.listdir(out_dir) if (m := _STEP_CKPT.match(name))]
+    return sorted(found, reverse=True)
+
+
+def find_checkpoint(out_dir: str, report: bool = True) -> tuple[dict, str]:
+    """The newest checkpoint of out_dir that loads and holds everything resuming needs. Unreadable ones
+    (truncated by a crash, corrupt) are reported and the previous one is used."""
+    candidates = [path for _, path in step_checkpoints(out_dir)] + [os.path.join(out_dir, CKPT_LATEST)]
+    problems: list[str] = []
+    tried: list[str] = []
+    for path in candidates:
+        if not os.path.isfile(path) or any(os.path.samefile(path, t) for t in tried):
+            continue
+        tried.append(path)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            missing = [k for k in _RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
+            reason = f"lacks {', '.join(missing)}" if missing else ""
+        except Exception as exc:   # truncated zip, garbage bytes: anything torch.load can raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if not reason:
+            if problems and report:
+                print(f"warning: {'; '.join(problems)}; resuming from the previous checkpoint {path}", file=sys.stderr)
+            return ckpt, path
+        problems.append(f"{path} is unreadable or incomplete ({reason})")
+    if problems:
+        raise TrainError(f"--resume: no usable checkpoint in {out_dir}: {'; '.join(problems)}")
+    raise TrainError(f"--resume: {out_dir} holds no checkpoint (ckpt.pt); drop --resume to start a new run")
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every RNG state as plain lists / tensors (so torch.load(weights_only=True) reads it back)."""
+    py_version, py_keys, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": [py_version, list(py_keys), py_gauss],
+             "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    py_version, py_keys, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_keys), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np.array(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _gather_objects(ctx: DistContext, obj: Any) -> list:
+    if not ctx.distributed:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ logging
+def _check_logging_deps(cfg: TrainConfig) -> None:
+    import importlib.util
+    for wanted, package, flag in ((cfg.tensorboard, "tensorboard", "--tensorboard"),
+                                  (bool(cfg.wandb_project), "wandb", "--wandb_project")):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{flag} needs the {package} package, which is not installed (pip install {package})")
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path: str, png_path: str) -> None:
+    """loss.png: train and validation loss against tokens seen, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = [(r["tokens"], r[key]) for r in rows if isinstance(r.get(key), float) and math.isfinite(r[key])]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+class MetricsLogger:
+    """Rank 0's records: metrics.jsonl (one JSON object per line), TensorBoard / wandb when asked, loss.png."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, resume_step: int | None):
+        self.active = ctx.is_master
+        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.png = os.path.join(cfg.out_dir, "loss.png")
+        self.tb = self.wandb = None
+        if not self.active:
+            return
+        # a resumed run drops the rows logged after its checkpoint (they are about to be redone)
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step is not None else []
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+        self.file = open(self.path, "a", encoding="utf-8")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        if cfg.wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None, config=asdict(cfg))
+
+    def log(self, row: dict) -> None:
+        if not self.active:
+            return
+        # non-finite values (a skipped step's loss) become null: strict JSON readers reject NaN
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
+
+    def plot(self) -> None:
+        if self.active:
+            plot_losses(self.path, self.png)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ------------------------------------------------------------------------------------ the run state
+@dataclass
+class Run:
+    """Everything one training run holds; the functions below read and advance it."""
+    cfg: TrainConfig
+    ctx: DistContext
+    plan: Plan
+    precision: Precision
+    model_args: ModelArgs
+    tokenizer: dict
+    train_ds: BatchSource
+    val_ds: BatchSource | None
+    raw: Transformer                  # the plain module (parameters are DTensors under FSDP)
+    model: torch.nn.Module            # what the step calls: DDP-wrapped, FSDP-sharded, or raw
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    flops_per_token: float
+    peak_flops: float | None
+    logger: MetricsLogger | None = None
+    step: int = 0                     # optimizer steps done (skipped ones included)
+    tokens_seen: int = 0              # positions trained on, all ranks
+    best_val_loss: float = math.inf
+    last_val_loss: float | None = None
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def _full_model_state(run: Run) -> dict:
+    """fp32 weights as a full state dict on rank 0's CPU (a collective under FSDP: every rank calls it)."""
+    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state and run.model_args.tie_embeddings:   # store the tied matrix once
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return state
+
+
+def _checkpoint_meta(run: Run) -> dict:
+    return {"model_args": asdict(run.model_args), "config": asdict(run.cfg), "tokenizer": run.tokenizer,
+            "step": run.step, "tokens_seen": run.tokens_seen, "best_val_loss": run.best_val_loss,
+            "world_size": run.ctx.world_size}
+
+
+def save_checkpoint(run: Run) -> None:
+    """out_dir/ckpt_{step}.pt (everything resuming needs), ckpt.pt = it, the oldest beyond keep_last removed."""
+    model_state = _full_model_state(run)
+    optim_state = get_optimizer_state_dict(run.model, run.optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rngs = _gather_objects(run.ctx, rng_state(run.ctx.device))
+    data_state = run.train_ds.state_dict()
+
+    def write() -> None:
+        path = os.path.join(run.cfg.out_dir, f"ckpt_{run.step:07d}.pt")
+        atomic_save({"model": model_state, "optimizer": optim_state, "scaler": run.scaler.state_dict(),
+                     "data_state": data_state, "rng": rngs, "skipped_steps": run.skipped_steps,
+                     **_checkpoint_meta(run)}, path)
+        _link_or_copy(path, os.path.join(run.cfg.out_dir, CKPT_LATEST))
+        for _, old in step_checkpoints(run.cfg.out_dir)[run.cfg.keep_last:]:
+            os.remove(old)
+    _on_rank0(run.ctx, write)
+    if run.logger is not None:
+        run.logger.plot()   # a run stopped later still has a recent loss.png
+
+
+def save_best(run: Run, val_loss: float) -> None:
+    """out_dir/best.pt: the weights with the lowest validation loss so far (no optimizer state)."""
+    model_state = _full_model_state(run)
+    _on_rank0(run.ctx, lambda: atomic_save({"model": model_state, "val_loss": val_loss, **_checkpoint_meta(run)},
+                                           os.path.join(run.cfg.out_dir, CKPT_BEST)))
+
+
+# ------------------------------------------------------------------------------- evaluate and step
+@torch.no_grad()
+def evaluate(run: Run) -> float | None:
+    """Mean validation loss over eval_iters micro batches per rank, all ranks' tokens together."""
+    device = run.ctx.device
+    batches = list(run.val_ds.eval_batches(run.cfg.eval_iters)) if run.val_ds is not None else []
+    # FSDP needs every rank in every forward: all ranks evaluate the same number of batches
+    count = _all_reduce(run.ctx, torch.tensor([len(batches)], device=device), dist.ReduceOp.MIN)
+    model = run.model if run.cfg.fsdp else run.raw
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)   # [loss sum, target count]
+    for x, y in batches[:int(count.item())]:
+        x, y = _to_device(x, device), _to_device(y, device)
+        with run.precision.autocast(device):
+            _, loss = model(x, y, reduction="sum")
+        totals += torch.stack([loss.double(), (y != -100).sum().double()])
+    model.train()
+    _all_reduce(run.ctx, totals)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+
+@dataclass
+class StepResult:
+    loss: float            # mean loss over the step's target tokens, all ranks
+    grad_norm: float
+    positions: int         # token positions processed, all ranks
+    skipped: bool          # no update: non-finite loss/gradient, or no target tokens
+
+
+def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tensor:
+    """Backward over the micro batches; grads end as d(sum of token losses)/d(w) / n_targets (global count).
+    DDP and FSDP average gradients over ranks, hence the factor world_size."""
+    scale = run.ctx.world_size / n_targets
+    loss_sum = torch.zeros((), device=run.ctx.device)
+    for i, (x, y) in enumerate(batches):
+        x, y = _to_device(x, run.ctx.device), _to_device(y, run.ctx.device)
+        last = i == len(batches) - 1
+        # DDP: all-reduce once, on the last micro batch. FSDP reduce-scatters every micro batch instead, so
+        # unsharded gradients never pile up (saving memory is why one uses FSDP); the sum is the same.
+        no_sync = run.model.no_sync() if hasattr(run.model, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync:
+            with run.precision.autocast(run.ctx.device):
+                _, loss = run.model(x, y, reduction="sum")
+            run.scaler.scale(loss * scale).backward()
+        loss_sum += loss.detach().float()
+    return loss_sum
+
+
+def train_step(run: Run, lr: float) -> StepResult:
+    """One optimizer step over grad_accum_steps micro batches per rank; skipped when not finite."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
+    # counted on the CPU; only a distributed run moves them to the device for the all-reduce (a GPU sync)
+    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches), sum(x.numel() for x, _ in batches)],
+                          dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
+    n_targets, positions = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
+    if n_targets == 0:   # every rank sees the same global count, so all skip together
+        return StepResult(math.nan, math.nan, positions, skipped=True)
+    loss_sum = _accumulate_gradients(run, batches, n_targets)
+    totals = _all_reduce(run.ctx, torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()]))
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip or math.inf)
+    if hasattr(norm, "full_tensor"):   # a DTensor under FSDP
+        norm = norm.full_tensor()
+    loss, bad_loss, grad_norm = torch.stack([totals[0] / n_targets, totals[1], norm.float()]).tolist()
+    finite = bad_loss == 0 and math.isfinite(grad_norm)
+    if finite:
+        run.scaler.step(run.optimizer)
+    run.scaler.update()   # with fp16, a non-finite gradient also lowers the loss scale
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, positions, skipped=not finite)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+def _prepare_out_dir(cfg: TrainConfig, ctx: DistContext) -> None:
+    """Rank 0 checks out_dir is writable, clears half-written *.tmp files of a killed run, and refuses to
+    start a new run over an existing one (unless --overwrite: then its checkpoints are deleted)."""
+    def check() -> None:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            probe = os.path.join(cfg.out_dir, ".write_test.tmp")
+            with open(probe, "w"):
+                pass
+            for name in os.listdir(cfg.out_dir):
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        except OSError as exc:
+            raise TrainError(f"--out_dir={cfg.out_dir} is not writable ({exc.strerror or exc})") from None
+        old_run = [p for _, p in step_checkpoints(cfg.out_dir)] + \
+            [p for p in (os.path.join(cfg.out_dir, n) for n in (CKPT_LATEST, CKPT_BEST)) if os.path.exists(p)]
+        if old_run and cfg.overwrite:
+            for path in old_run:
+                os.remove(path)
+        elif old_run and not cfg.resume:
+            raise TrainError(f"{cfg.out_dir} already holds a run ({os.path.basename(old_run[0])}): pass --resume to "
+                             f"continue it, --overwrite to replace it, or choose another --out_dir")
+    _on_rank0(ctx, check)
+
+
+def _load_start(cfg: TrainConfig, ctx: DistContext, model: Transformer, tokenizer: dict) -> tuple[dict | None, dict]:
+    """Rank 0 loads the resume checkpoint or the --init_from weights into `model`; the weights are then
+    broadcast. Returns (checkpoint minus weights and optimizer, or None; rank 0's full optimizer state)."""
+    optimizer_state: dict = {}
+
+    def read() -> dict | None:
+        if cfg.resume:
+            ckpt, path = find_checkpoint(cfg.out_dir)
+            check_same_tokenizer(ckpt["tokenizer"], tokenizer, f"the checkpoint {path}", "this run's data")
+            if ckpt["model_args"] != asdict(model.args):
+                raise TrainError(f"{path} holds a model of shape {ckpt['model_args']}, not {asdict(model.args)}")
+            model.load_state_dict(ckpt["model"])
+            optimizer_state.update(ckpt["optimizer"])
+            return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")} | {"path": path}
+        if cfg.init_from:
+            weights = load_state_dict_file(cfg.init_from, n_heads=model.args.n_heads)
+            try:
+                model.load_state_dict(weights, strict=True)
+            except RuntimeError as exc:
+                raise TrainError(f"--init_from={cfg.init_from}: weights do not fit the model "
+                                 f"({str(exc).strip().splitlines()[0][:200]})") from None
+        return None
+    meta = _on_rank0(ctx, read)
+    if ctx.distributed and (cfg.resume or cfg.init_from):
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return meta, optimizer_state
+
+
+def _restore(run: Run, meta: dict, optimizer_state: dict) -> None:
+    """Optimizer, loss scale, data position, RNGs and counters of a resumed run."""
+    if optimizer_state:   # the current run's optimizer settings win over the saved ones (e.g. fused on CUDA)
+        for saved, current in zip(optimizer_state["param_groups"], run.optimizer.param_groups):
+            saved.update({k: v for k, v in current.items() if k != "params"})
+    set_optimizer_state_dict(run.model, run.optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=run.ctx.distributed))
+    if run.scaler.is_enabled() and meta.get("scaler"):
+        run.scaler.load_state_dict(meta["scaler"])
+    run.train_ds.load_state_dict(meta["data_state"])
+    run.step, run.tokens_seen = meta["step"], meta["tokens_seen"]
+    run.best_val_loss, run.skipped_steps = meta["best_val_loss"], meta.get("skipped_steps", 0)
+    if len(meta["rng"]) == run.ctx.world_size:
+        set_rng_state(meta["rng"][run.ctx.rank], run.ctx.device)
+    else:
+        torch.manual_seed(run.cfg.seed + run.ctx.rank + run.step)
+    if run.ctx.is_master:
+        changed = {k: (v, getattr(run.cfg, k)) for k, v in meta["config"].items()
+                   if hasattr(run.cfg, k) and getattr(run.cfg, k) != v and k != "resume"}
+        print(f"resuming {meta['path']} at step {run.step:,} ({run.tokens_seen:,} tokens)"
+              + "".join(f"; {k}: {old} -> {new}" for k, (old, new) in changed.items()))
+
+
+def describe_run(run: Run) -> str:
+    """The config and the token budget, printed at start."""
+    p, cfg, ctx = run.plan, run.cfg, run.ctx
+    params, non_emb = run.raw.num_params(), run.raw.num_params(non_embedding=True)
+    total_tokens = p.max_iters * p.tokens_per_iter
+    epochs = p.max_iters * p.grad_accum_steps / max(1, len(run.train_ds))
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU"
+    parallel = "FSDP2" if cfg.fsdp else ("DDP" if ctx.distributed else "single process")
+    describe = getattr(run.train_ds, "describe", None)
+    val_describe = getattr(run.val_ds, "describe", None)
+    lines = [format_config(cfg),
+             f"model: {params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the embedding), "
+             f"{run.flops_per_token / 1e9:.3f} GFLOP/token at seq {p.seq_len}",
+             f"batch: {cfg.micro_batch_size} seqs x {p.seq_len} tokens x {p.grad_accum_steps} accum x "
+             f"{ctx.world_size} ranks = {p.tokens_per_iter:,} tokens/step",
+             f"data: {describe() if describe else f'{len(run.train_ds):,} micro batches per epoch per rank'}",
+             f"val: {val_describe() if val_describe else ('yes' if run.val_ds is not None else 'none')}",
+             f"run: {p.max_iters:,} steps = {total_tokens:,} tokens = {epochs:.2f} epochs = "
+             f"{total_tokens / max(1, params):.1f} tokens/parameter",
+             f"schedule: lr {cfg.lr:g}, {p.warmup_iters} warmup steps, cosine to {cfg.min_lr:g} at step "
+             f"{p.lr_decay_iters}; AdamW betas ({cfg.beta1}, {cfg.beta2}) weight decay {cfg.weight_decay}; "
+             f"grad clip {cfg.grad_clip or 'off'}",
+             f"hardware: {device} x {ctx.world_size}, {parallel}, {run.precision.name}"
+             f"{' autocast (fp32 master weights)' if run.precision.autocast_dtype else ''}"
+             f"{' + GradScaler' if run.precision.use_scaler else ''}, compile "
+             f"{'on' if _use_compile(cfg, ctx.device) else 'off'}, MFU "
+             + (f"vs {run.peak_flops / 1e12:.0f} TFLOP/s peak" if run.peak_flops else "not shown (CPU, fp32 or "
+                                                                                       "a GPU without a known peak)")]
+    return "\n".join(lines)
+
+
+def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm) -> None:
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    tokens_per_s = window["tokens"] / elapsed
+    losses = [x for x in window["losses"] if math.isfinite(x)]
+    row = {"step": run.step, "tokens": run.tokens_seen, "epoch": run.train_ds.epoch,
+           "loss": sum(losses) / len(losses) if losses else math.nan, "lr": lr, "grad_norm": result.grad_norm,
+           "tokens_per_s": tokens_per_s, "skipped_steps": run.skipped_steps}
+    text = f"loss {row['loss']:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+    if run.peak_flops:
+        row["mfu"] = run.flops_per_token * tokens_per_s / run.ctx.world_size / run.peak_flops
+        text += f" mfu {row['mfu']:.1%}"
+    if run.ctx.device.type == "cuda":   # what the micro batch costs: the number to watch on 24 GB cards
+        row["max_mem_gb"] = torch.cuda.max_memory_allocated(run.ctx.device) / 2 ** 30
+    run.logger.log(row)
+    run.metrics["loss"] = row["loss"]
+    bar.set_postfix_str(text, refresh=False)
+    window.update(start=time.perf_counter(), tokens=0, losses=[])
+
+
+def _eval_and_log(run: Run, bar: tqdm) -> None:
+    val_loss = evaluate(run)
+    if val_loss is None:
+        return
+    run.last_val_loss = val_loss
+    run.logger.log({"step": run.step, "tokens": run.tokens_seen, "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50.0))})
+    improved = val_loss < run.best_val_loss
+    if improved:
+        run.best_val_loss = val_loss
+        save_best(run, val_loss)
+    if run.ctx.is_master:
+        bar.write(f"step {run.step:,}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50.0)):.2f}"
+                  f"{' (best, saved best.pt)' if improved else ''}")
+
+
+def _after_step(run: Run, result: StepResult) -> None:
+    """Count skipped steps; stop after max_bad_steps non-finite steps in a row."""
+    if not result.skipped:
+        run.bad_in_a_row = 0
+        return
+    run.skipped_steps += 1
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        return   # skipped for having no target tokens: not a numerical problem
+    run.bad_in_a_row += 1
+    if run.bad_in_a_row >= run.cfg.max_bad_steps:
+        raise TrainError(f"stopped at step {run.step:,}: {run.bad_in_a_row} steps in a row had a non-finite loss or "
+                         f"gradient (loss {result.loss}, grad norm {result.grad_norm}); lower --lr, use --dtype=bf16 "
+                         f"or fp32, or --resume from an earlier checkpoint")
+
+
+def _loop(run: Run) -> None:
+    bar = tqdm(total=run.plan.max_iters, initial=run.step, disable=not run.ctx.is_master, unit="step",
+               dynamic_ncols=True, mininterval=1.0, desc="train")
+    try:
+        _steps(run, bar)
+    finally:
+        bar.close()
+
+
+def _steps(run: Run, bar: tqdm) -> None:
+    """Steps until max_iters, with logging, evaluation and checkpoints on their intervals and at the end."""
+    cfg, plan = run.cfg, run.plan
+    if run.step == 0:
+        _eval_and_log(run, bar)   # the starting point of the validation curve
+    window = {"start": time.perf_counter(), "tokens": 0, "losses": []}
+    while run.step < plan.max_iters:
+        lr = get_lr(run.step, cfg.lr, cfg.min_lr, plan.warmup_iters, plan.lr_decay_iters)
+        result = train_step(run, lr)
+        run.step += 1
+        run.tokens_seen += result.positions
+        window["tokens"] += result.positions
+        window["losses"].append(result.loss)
+        _after_step(run, result)
+        bar.update(1)
+        if run.step % cfg.log_interval == 0 or run.step == plan.max_iters:
+            _log_train(run, window, lr, result, bar)
+        paused_from = time.perf_counter()   # evaluation and checkpoint time does not count against tokens/s
+        if run.step % cfg.eval_interval == 0 or run.step == plan.max_iters:
+            _eval_and_log(run, bar)
+        if run.step % cfg.save_interval == 0 or run.step == plan.max_iters:
+            save_checkpoint(run)
+        window["start"] += time.perf_counter() - paused_from
+
+
+def _oom_message(cfg: TrainConfig, plan: Plan) -> str:
+    smaller = max(1, cfg.micro_batch_size // 2)
+    return (f"out of GPU memory at micro_batch_size={cfg.micro_batch_size} x seq_len={plan.seq_len}: try "
+            f"--micro_batch_size={smaller} --grad_accum_steps={plan.grad_accum_steps * 2} (the same global "
+            f"batch), a shorter --seq_len, or --fsdp")
+
+
+def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: BatchSource,
+              val_ds: BatchSource | None, tokenizer: dict) -> tuple[Run, dict | None]:
+    """Model on its device (weights from scratch, --init_from or the checkpoint), wrapped, with its optimizer."""
+    precision = choose_precision(cfg.dtype, ctx.device)
+    plan = make_plan(cfg, ctx, model_args.max_seq_len, train_ds)
+    if cfg.fsdp and not ctx.distributed:   # fully_shard needs a process group, even of one process
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    _prepare_out_dir(cfg, ctx)
+    torch.manual_seed(cfg.seed)   # the same initial weights on every rank
+    raw = Transformer(model_args).to(ctx.device)
+    meta, optimizer_state = _load_start(cfg, ctx, raw, tokenizer)
+    flops_per_token = raw.flops_per_token(plan.seq_len)
+    model = wrap_model(raw, cfg, ctx)
+    optimizer = make_optimizer(model, cfg, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_scaler)
+    run = Run(cfg, ctx, plan, precision, model_args, tokenizer, train_ds, val_ds, raw, model, optimizer, scaler,
+              flops_per_token, peak_flops(ctx.device, precision))
+    if meta is not None:
+        _restore(run, meta, optimizer_state)
+    else:
+        torch.manual_seed(cfg.seed + ctx.rank)   # ranks draw different dropout masks
+    return run, meta
+
+
+def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: BatchSource,
+          val_ds: BatchSource | None, tokenizer: dict) -> dict:
+    """Train until plan.max_iters steps; returns a summary (step, tokens_seen, losses, checkpoint path)."""
+    _check_logging_deps(cfg)
+    if ctx.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # fp32 matmuls (outside autocast) on TF32 tensor cores
+    run, meta = build_run(cfg, ctx, model_args, train_ds, val_ds, tokenizer)
+    if ctx.is_master:
+        print(describe_run(run), flush=True)
+    run.logger = MetricsLogger(cfg, ctx, meta["step"] if meta else None)
+    try:
+        _loop(run)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainError(_oom_message(cfg, run.plan)) from None
+    finally:
+        run.logger.close()
+    return {"step": run.step, "tokens_seen": run.tokens_seen, "train_loss": run.metrics.get("loss", math.nan),
+            "val_loss": run.last_val_loss, "best_val_loss": run.best_val_loss, "skipped_steps": run.skipped_steps,
+            "checkpoint": os.path.join(cfg.out_dir, CKPT_LATEST)}
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None,
+            errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a stage's main(argv): errors a user can fix (these plus `errors`) become one `error: ...` line on
+    stderr and exit code 1; the process group is always torn down."""
+    handled = (ConfigError, TrainError, TokenizerError, CheckpointError) + tuple(errors)
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+        return 0
+    except handled as exc:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        prefix = f"rank {os.environ.get('RANK', 0)}: " if world > 1 else ""
+        print(f"error: {prefix}{exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        cleanup_distributed()
