@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_identity
 from dataset_sft import DEFAULT_BUCKET_BATCHES, SFTDataError, SFTDataset, build_sft_datasets
-from trainer import ConfigError, TrainConfig, parse_config, resolve_model_args, run_cli, setup_distributed, train
+from trainer import (ConfigError, TrainConfig, parse_config, recorded_tokenizer, resolve_model_args, run_cli,
+                     setup_distributed, train)
 
 
 @dataclass
@@ -75,7 +76,8 @@ def main(argv: list[str]) -> dict:
         raise ConfigError(f"--bucket_batches={cfg.bucket_batches} --val_fraction={cfg.val_fraction}: need "
                           f"bucket_batches >= 1 and 0 <= val_fraction < 1")
     ctx = setup_distributed()
-    tokenizer_path = cfg.tokenizer or DEFAULT_TOKENIZER
+    recorded = None if cfg.tokenizer else recorded_tokenizer(cfg)
+    tokenizer_path = cfg.tokenizer or (recorded or {}).get("path") or DEFAULT_TOKENIZER
     tokenizer = load_tokenizer(tokenizer_path)
     identity = tokenizer_identity(tokenizer_path)
     model_args = resolve_model_args(cfg, ctx, identity)

@@ -46,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from chatglm_tokenizer import TokenizerError, check_same_tokenizer
+from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
 from model import (PRESETS, CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file,
                    model_args_from_preset)
 
@@ -414,6 +415,7 @@ class BatchSource(Protocol):
     """What train() reads; dataset.PretrainDataset and dataset_sft.SFTDataset implement it. state_dict must
     be the same on every rank (train() saves rank 0's and every rank loads it)."""
     epoch: int
+    pad_id: int | None   # the id padding x (excluded from tokens/s); None or absent when batches are never padded
 
     def __len__(self) -> int: ...                                      # micro batches per epoch per rank
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...      # x, y [B, T] int64, y -100 = no loss
@@ -457,7 +459,10 @@ def _init_model_args(cfg: TrainConfig, tokenizer: dict) -> dict:
     n_heads = model_args_from_preset(cfg.preset).n_heads
     _, meta = load_model(cfg.init_from, n_heads=n_heads, max_seq_len=cfg.seq_len or None)
     args = meta["model_args"]
-    if args["vocab_size"] != tokenizer["vocab_size"]:
+    # The seed's .pth files have 64,793 rows, one fewer than ChatGLM2's 64,794 ids: the missing ones are GLM
+    # specials that encode() never produces, so any size covering the text ids is the same vocabulary.
+    text_ids = tokenizer["vocab_size"] - len(GLM_SPECIALS)
+    if not text_ids <= args["vocab_size"] <= tokenizer["vocab_size"]:
         raise TrainError(f"--init_from={cfg.init_from} has a {args['vocab_size']}-token vocabulary but this run's "
                          f"data uses {tokenizer.get('path')} with {tokenizer['vocab_size']}: the weights belong to "
                          f"another tokenizer")
@@ -797,7 +802,7 @@ def evaluate(run: Run) -> float | None:
 class StepResult:
     loss: float            # mean loss over the step's target tokens, all ranks
     grad_norm: float
-    positions: int         # token positions processed, all ranks
+    positions: int         # real (unpadded) token positions processed, all ranks
     skipped: bool          # no update: non-finite loss/gradient, or no target tokens
 
 
@@ -820,13 +825,21 @@ def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tens
     return loss_sum
 
 
+def _real_positions(x: torch.Tensor, source: BatchSource) -> int:
+    """Token positions in a micro batch, padding excluded (a source that pads says so with `pad_id`), so that
+    tokens/s and MFU count only real work."""
+    pad_id = getattr(source, "pad_id", None)
+    return x.numel() if pad_id is None else int((x != pad_id).sum())
+
+
 def train_step(run: Run, lr: float) -> StepResult:
     """One optimizer step over grad_accum_steps micro batches per rank; skipped when not finite."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
     # counted on the CPU; only a distributed run moves them to the device for the all-reduce (a GPU sync)
-    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches), sum(x.numel() for x, _ in batches)],
+    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches),
+                           sum(_real_positions(x, run.train_ds) for x, _ in batches)],
                           dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
     n_targets, positions = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
     if n_targets == 0:   # every rank sees the same global count, so all skip together

@@ -213,6 +213,21 @@ def test_init_from_checkpoint_and_seed_state_dict(data, tmp_path, reference):
     assert trainer.recorded_tokenizer(TrainConfig(resume=True, out_dir=str(ref_out))) == SYNTH_TOKENIZER
 
 
+def test_init_from_seed_weights_one_row_short(tmp_path, reference):
+    """The seed's .pth files have 64,793 rows for ChatGLM2's 64,794 ids (no row for the GLM special 'eop', which
+    text never contains): such weights train on data of the full tokenizer; a size that misses text ids does not."""
+    ref_out, _ = reference
+    os.makedirs(tmp_path / "d")
+    data = write_bin(str(tmp_path / "d" / "pretrain_data.bin"), np.arange(3000) % 500 + 3)   # text ids < 507
+    state = load(ref_out / "ckpt.pt")["model"]
+    for rows, works in ((511, True), (506, False)):
+        seed = {k: v[:rows] if k in ("tok_embeddings.weight", "output.weight") else v for k, v in state.items()}
+        torch.save(seed, tmp_path / f"seed{rows}.pth")
+        argv = flags(data, tmp_path / f"out{rows}", init_from=tmp_path / f"seed{rows}.pth", max_iters=1)
+        assert (pretrain.cli(argv) == 0) == works
+    assert load(tmp_path / "out511" / "ckpt.pt")["model"]["tok_embeddings.weight"].shape[0] == 511
+
+
 def test_init_from_weights_of_another_tokenizer_is_refused(data, tmp_path, reference, capsys):
     ref_out, _ = reference
     os.remove(os.path.join(os.path.dirname(data), "pretrain_val.bin"))
@@ -276,3 +291,12 @@ def test_user_errors_are_one_line(data, tmp_path, capsys):
         assert pretrain.cli(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and expected in err[-1], (argv, err)
+
+
+def test_tokens_per_second_counts_real_tokens_not_padding():
+    """SFT batches are padded to their longest sample; throughput and tokens_seen count only real tokens."""
+    class Padded:
+        pad_id = 0
+    x = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    assert trainer._real_positions(x, Padded()) == 6
+    assert trainer._real_positions(x, object()) == 8   # pretraining windows are never padded
