@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import ctypes
 import dataclasses
 import inspect
 import json
@@ -1059,10 +1060,25 @@ def _oom_message(cfg: TrainConfig, plan: Plan) -> str:
             f"batch), a shorter --seq_len, or --fsdp")
 
 
+def keep_freed_memory_on_cpu() -> bool:
+    """Ask glibc to reuse freed memory instead of returning it to the OS. On CPU every step allocates and frees
+    logits of micro_batch x seq_len x vocab floats (265 MB for 8 x 128 x 64,794); by default glibc mmaps each such
+    block afresh, and the page faults cost about a third of a tiny model's step (measured: 1.5k -> 2.2k tokens/s).
+    Returns False where this is not glibc (macOS, musl): nothing changes there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4   # mallopt parameter numbers from <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: BatchSource,
               val_ds: BatchSource | None, tokenizer: dict) -> tuple[Run, dict | None]:
     """Model on its device (weights from scratch, --init_from or the checkpoint), wrapped, with its optimizer."""
     precision = choose_precision(cfg.dtype, ctx.device)
+    if ctx.device.type == "cpu":
+        keep_freed_memory_on_cpu()
     plan = make_plan(cfg, ctx, model_args.max_seq_len, train_ds)
     if cfg.fsdp and not ctx.distributed:   # fully_shard needs a process group, even of one process
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
