@@ -158,6 +158,18 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
+def ensure_output_folder(path: str) -> None:
+    """Create the folder that will hold output file `path`; CorpusError (one line) when that is impossible, so
+    a run fails before any work rather than at its end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise CorpusError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK):
+        raise CorpusError(f"the output folder {folder} is not writable")
+
+
 def write_atomic_text(path: str, text: str) -> None:
     """Write `text` to `path` through `path.tmp` + fsync + os.replace, so `path` is never half-written."""
     tmp = path + ".tmp"

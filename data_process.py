@@ -50,8 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from corpus_io import (COMPRESSED_SUFFIXES, READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog,
-                       describe_corpora, extract_text, get_corpus, iter_raw, parse_corpus_spec, parse_payload,
-                       where_of, write_atomic_text)
+                       describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, parse_corpus_spec,
+                       parse_payload, where_of, write_atomic_text)
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_CORPORA = ["medical=data/sample/medical.jsonl", "wiki=data/sample/wiki.json",
@@ -684,7 +684,7 @@ def build_options(args: argparse.Namespace) -> Options:
     sources = [parse_corpus_spec(spec) for spec in specs]
     val_out = (args.val_out or default_val_path(args.out)) if args.val_fraction > 0 else None
     for path in [args.out] + ([val_out] if val_out else []):
-        _check_writable_folder(path)
+        ensure_output_folder(path)
     if val_out and os.path.abspath(val_out) == os.path.abspath(args.out):
         raise CorpusError("--val-out must differ from --out")
     return Options(sources, args.out, val_out, args.val_fraction, args.min_tokens, not args.no_dedup,
@@ -700,14 +700,6 @@ def sample_corpus_specs() -> list[str]:
     return specs
 
 
-def _check_writable_folder(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise CorpusError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK):
-        raise CorpusError(f"the output folder {folder} is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, TokenizerError, resolve_tokenizer_dir, tokenizer_identity
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
-from corpus_io import CorpusError, CorpusSource, SkipLog, iter_source_texts, parse_corpus_spec, write_atomic_text
+from corpus_io import (CorpusError, CorpusSource, SkipLog, ensure_output_folder, iter_source_texts, parse_corpus_spec,
+                       write_atomic_text)
 from data_process import sample_corpus_specs, text_keys
 
 MAX_VOCAB = 65535            # ids 0..65534: every one fits a uint16 token file
@@ -280,13 +281,7 @@ def check_output(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not overwrite:
         raise TrainTokenizerError(f"{out} already exists; pass --overwrite to replace it (data and checkpoints "
                                   f"made with the old tokenizer will then be refused as a mismatch)")
-    parent = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise TrainTokenizerError(f"cannot create {parent} for --out: {exc.strerror or exc}") from None
-    if not os.access(parent, os.W_OK):
-        raise TrainTokenizerError(f"cannot write into {parent} for --out: permission denied")
+    ensure_output_folder(out)
 
 
 # ---------------------------------------------------------------- command line
