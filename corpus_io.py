@@ -117,6 +117,25 @@ def open_binary(path: str) -> BinaryIO:
     return open(path, "rb", buffering=_READ_BUFFER)
 
 
+def file_layout(path: str) -> str:
+    """"jsonl", "json_array" or "txt" by the name (compression suffix aside): .jsonl, .json, anything else.
+    A .json file is read to its first non-blank byte: "[" is a JSON array, else JSON Lines (shibing624/
+    medical names its JSON Lines files .json)."""
+    name = path.lower()
+    for suffix in COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if not name.endswith(".json"):
+        return "txt"
+    with open_binary(path) as f:
+        while chunk := f.read(1 << 16):
+            head = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")   # whitespace, a UTF-8 byte-order mark
+            if head:
+                return "json_array" if head.startswith(b"[") else "jsonl"
+    return "jsonl"
+
+
 class _ZstdReader(io.RawIOBase):
     """Decompresses a .zst stream frame after frame. zstandard's own stream_reader ends quietly on a
     truncated file; this raises ZstdError there instead, so a damaged shard is never silently cut short."""

@@ -676,10 +676,10 @@ def build_options(args: argparse.Namespace) -> Options:
         args.val_fraction = DEFAULT_VAL_FRACTION if args.corpus else SAMPLE_VAL_FRACTION
     if not 0 <= args.val_fraction < 1:
         raise CorpusError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    for flag, value in (("--min-tokens", args.min_tokens + 1), ("--workers", args.workers),
-                        ("--batch-docs", args.batch_docs)):
-        if value < 1:
-            raise CorpusError(f"{flag} must be at least {1 if flag != '--min-tokens' else 0}, got {value}")
+    for flag, value, least in (("--min-tokens", args.min_tokens, 0), ("--workers", args.workers, 1),
+                               ("--batch-docs", args.batch_docs, 1)):
+        if value < least:
+            raise CorpusError(f"{flag} must be at least {least}, got {value}")
     specs = args.corpus or sample_corpus_specs()
     sources = [parse_corpus_spec(spec) for spec in specs]
     val_out = (args.val_out or default_val_path(args.out)) if args.val_fraction > 0 else None
@@ -698,8 +698,6 @@ def sample_corpus_specs() -> list[str]:
         name, path = spec.split("=", 1)
         specs.append(f"{name}={os.path.join(REPO_DIR, path)}")
     return specs
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

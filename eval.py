@@ -62,7 +62,7 @@ import torch
 from tqdm import tqdm
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, ChatGLMTokenizer, load_tokenizer
-from corpus_io import SkipLog, iter_records, write_atomic_text
+from corpus_io import SkipLog, file_layout, iter_records, write_atomic_text
 from inference import (InferenceError, add_model_args, add_prompt_args, add_sampling_args, autocast_for,
                        describe_model, load_for_inference, pick_device, prompt_budget, read_prompts, run_main,
                        sampling_kwargs, sft_prompt_ids, sft_turn, special_ids, stream_text)
@@ -610,14 +610,14 @@ def _iter_bin(path: str, tokenizer) -> Iterator[tuple[str, str]]:
 
 def iter_training_texts(path: str, tokenizer_path: str | None,
                         skiplog: SkipLog | None = None) -> Iterator[tuple[str, str]]:
-    """(where, text) of a training file: sft_data .csv, .jsonl, .json (array), .txt, or a token .bin.
+    """(where, text) of a training file: sft_data .csv, .jsonl, .json (array or JSON Lines), .txt, or a token .bin.
     Unreadable records are counted in skiplog (and the first few printed)."""
     if path.endswith(".csv"):
         yield from _iter_sft_csv(path)
     elif path.endswith(".bin"):
         yield from _iter_bin(path, load_tokenizer(tokenizer_path or DEFAULT_TOKENIZER))
     else:
-        layout = "jsonl" if ".jsonl" in path else "json_array" if ".json" in path else "txt"
+        layout = file_layout(path)
         skiplog = skiplog or SkipLog()
         for record in iter_records(path, layout):
             if record.error is None:

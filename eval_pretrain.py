@@ -8,7 +8,7 @@
 
 How the numbers are defined (the same for every --data kind):
 - The token stream is the documents, each followed by `<eos>` (data_process.py's layout; a .bin already is
-  that, .txt/.jsonl are tokenized here). One `<eos>` is put in front as the start of the first document,
+  that, .txt/.jsonl/.json are tokenized here). One `<eos>` is put in front as the start of the first document,
   so EVERY token of the stream is predicted exactly once, `<eos>` tokens included.
 - The stream is cut into windows of max_seq_len inputs. --stride=max_seq_len (default): windows do not
   overlap, so a token sees 0..max_seq_len-1 tokens of context. A smaller stride slides the window and
@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from chatglm_tokenizer import ChatGLMTokenizer, check_same_tokenizer, tokenizer_identity
-from corpus_io import SkipLog, field_text, iter_records, write_atomic_text
+from corpus_io import SkipLog, field_text, file_layout, iter_records, write_atomic_text
 from inference import (InferenceError, add_model_args, add_prompt_args, add_sampling_args, autocast_for,
                        describe_model, document_prompt_ids, load_for_inference, pick_device, read_prompts,
                        run_main, sampling_kwargs, special_ids, stream_text)
@@ -91,7 +91,7 @@ def read_bin(path: str, tokenizer_folder: str) -> np.ndarray:
 
 
 def _iter_documents(path: str, text_field: str, skiplog: SkipLog) -> Iterator[str]:
-    layout = "jsonl" if path.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst")) else "txt"
+    layout = file_layout(path)
     for record in iter_records(path, layout):
         if record.error is None:
             try:
@@ -107,7 +107,7 @@ def _iter_documents(path: str, text_field: str, skiplog: SkipLog) -> Iterator[st
 
 def tokenize_text_file(path: str, tokenizer: ChatGLMTokenizer, text_field: str = "text",
                        max_tokens: int | None = None) -> np.ndarray:
-    """Tokens of a .txt (each non-blank line a document) or .jsonl (`text_field` of each line), laid out
+    """Tokens of a .txt (each non-blank line a document) or .jsonl/.json (`text_field` of each record), laid out
     as data_process.py does: each document followed by <eos>; reading stops once max_tokens are there.
     Bad lines are skipped, counted, reported."""
     eos = special_ids(tokenizer)[1]
@@ -261,8 +261,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_args(parser, default_ckpt="out/pretrain/ckpt.pt")
     add_prompt_args(parser)
     add_sampling_args(parser, max_new_tokens=100)
-    parser.add_argument("--data", default=None, help=f".bin, .txt or .jsonl held-out text (default {DEFAULT_DATA})")
-    parser.add_argument("--text_field", default="text", help="field of a .jsonl --data holding the text")
+    parser.add_argument("--data", default=None,
+                        help=f".bin, .txt, .jsonl or .json held-out data (default {DEFAULT_DATA})")
+    parser.add_argument("--text_field", default="text", help="field of a .jsonl or .json --data holding the text")
     parser.add_argument("--stride", type=int, default=None, help="window stride in tokens (default max_seq_len)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens of --data")

@@ -228,6 +228,11 @@ def test_min_tokens_counts_eos(tmp_path, tokenizer_dir, capsys):
     assert json.loads((tmp_path / "p.json").read_text())["sources"][0]["too_short"] == len(texts) - len(kept)
 
 
+def test_negative_min_tokens_error_names_the_value_given(tmp_path, tokenizer_dir, capsys):
+    rc, err = dp([f"--out={tmp_path / 'p.bin'}", "--min-tokens=-3"], tokenizer_dir, capsys)
+    assert rc == 1 and "--min-tokens must be at least 0, got -3" in err
+
+
 # ---------------------------------------------------------------- dedup and the val split
 
 def test_exact_dedup_across_sources(tmp_path, tokenizer_dir, capsys):

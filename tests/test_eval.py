@@ -358,6 +358,35 @@ def test_text_and_jsonl_data_are_laid_out_like_data_process(tmp_path, tokenizer,
         ep.load_eval_tokens(str(txt), tokenizer, None, vocab_size=50)
 
 
+def test_json_data_is_read_as_the_records_it_holds(tmp_path, tokenizer):
+    # shibing624/medical's pretrain files are JSON Lines named .json; wiki is one JSON array in a .json:
+    # both are records, never raw text lines (that would score the JSON syntax as if it were text)
+    expected = tokenizer.encode("第一段。") + [2] + tokenizer.encode("第二段文字") + [2]
+    lines = tmp_path / "valid_encyclopedia.json"
+    lines.write_text('{"text": "第一段。"}\n{"text": "第二段文字"}\n', encoding="utf-8")
+    assert ep.load_eval_tokens(str(lines), tokenizer, None).tolist() == expected
+    array = tmp_path / "wiki.json"
+    array.write_text('[{"completion": "第一段。"},\n {"completion": "第二段文字"}]', encoding="utf-8")
+    assert ep.load_eval_tokens(str(array), tokenizer, None, text_field="completion").tolist() == expected
+    import lzma
+    packed = tmp_path / "held.jsonl.xz"
+    packed.write_bytes(lzma.compress('{"text": "第一段。"}\n{"text": "第二段文字"}\n'.encode("utf-8")))
+    assert ep.load_eval_tokens(str(packed), tokenizer, None).tolist() == expected
+
+
+def test_decontam_reads_json_lines_named_json(tmp_path):
+    # shibing624/medical's finetune files (the medical SFT data) are JSON Lines named train_zh_0.json
+    questions = ev.load_benchmark(f"ceval:{SAMPLE}").questions
+    train = tmp_path / "train_zh_0.json"
+    rows = [{"instruction": "无关的问题", "output": "无关"},
+            {"instruction": questions[6].question, "output": "A"}]
+    train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    skiplog = ev.SkipLog()
+    report, _, scanned = ev.find_contamination(questions, ev.iter_training_texts(str(train), None, skiplog))
+    assert (scanned, skiplog.total(str(train))) == (2, 0)
+    assert [c.where for c in report] == [questions[6].where]
+
+
 def test_bin_with_another_tokenizers_manifest_is_refused(tmp_path, tokenizer):
     data = tmp_path / "val.bin"
     np.array([5, 6, 2], dtype=np.uint16).tofile(data)
