@@ -38,6 +38,16 @@ def val_paths(cfg: TrainConfig, train_paths: list[str]) -> list[str] | None:
     return [default] if os.path.isfile(default) else None
 
 
+def check_held_out(cfg: TrainConfig, train_paths: list[str], validation: list[str] | None) -> None:
+    """Refuse validation files that are also training files (e.g. --data="data/*.bin" matches pretrain_val.bin):
+    the val loss would then measure memorisation, not generalisation."""
+    trained = {os.path.realpath(p) for p in train_paths}
+    shared = [p for p in validation or [] if os.path.realpath(p) in trained]
+    if shared:
+        raise DataError(f"{shared[0]} is validation data but --data={cfg.data} also trains on it: narrow --data "
+                        f"to leave it out, or pass another --val_data (or --val_data=none)")
+
+
 def main(argv: list[str]) -> dict:
     cfg = parse_config(argv, DEFAULTS)
     ctx = setup_distributed()
@@ -49,8 +59,9 @@ def main(argv: list[str]) -> dict:
     def dataset(paths: list[str]) -> PretrainDataset:
         return PretrainDataset(paths, model_args.max_seq_len, cfg.micro_batch_size, ctx.rank, ctx.world_size,
                                cfg.seed, tokenizer)
-    train_ds = dataset(train_paths)
     validation = val_paths(cfg, train_paths)
+    check_held_out(cfg, train_paths, validation)
+    train_ds = dataset(train_paths)
     val_ds = dataset(validation) if validation else None
     if val_ds is None and ctx.is_master and cfg.val_data.lower() != "none":
         print(f"note: no validation data (no {default_val_path(train_paths[0])}, no --val_data): "

@@ -805,6 +805,7 @@ class StepResult:
     grad_norm: float
     positions: int         # real (unpadded) token positions processed, all ranks
     skipped: bool          # no update: non-finite loss/gradient, or no target tokens
+    no_targets: bool = False   # skipped because the step had no target tokens (not a numerical problem)
 
 
 def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tensor:
@@ -844,7 +845,7 @@ def train_step(run: Run, lr: float) -> StepResult:
                           dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
     n_targets, positions = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
     if n_targets == 0:   # every rank sees the same global count, so all skip together
-        return StepResult(math.nan, math.nan, positions, skipped=True)
+        return StepResult(math.nan, math.nan, positions, skipped=True, no_targets=True)
     loss_sum = _accumulate_gradients(run, batches, n_targets)
     totals = _all_reduce(run.ctx, torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()]))
     run.scaler.unscale_(run.optimizer)
@@ -878,12 +879,21 @@ def _prepare_out_dir(cfg: TrainConfig, ctx: DistContext) -> None:
         old_run = [p for _, p in step_checkpoints(cfg.out_dir)] + \
             [p for p in (os.path.join(cfg.out_dir, n) for n in (CKPT_LATEST, CKPT_BEST)) if os.path.exists(p)]
         if old_run and cfg.overwrite:
+            _refuse_deleting_init_weights(cfg, old_run)
             for path in old_run:
                 os.remove(path)
         elif old_run and not cfg.resume:
             raise TrainError(f"{cfg.out_dir} already holds a run ({os.path.basename(old_run[0])}): pass --resume to "
                              f"continue it, --overwrite to replace it, or choose another --out_dir")
     _on_rank0(ctx, check)
+
+
+def _refuse_deleting_init_weights(cfg: TrainConfig, old_run: list[str]) -> None:
+    """--overwrite deletes out_dir's checkpoints: refuse when --init_from is one of them (ckpt.pt is a hard link to
+    the newest ckpt_N.pt, so compare files, not names), before the weights to start from are gone."""
+    if cfg.init_from and os.path.isfile(cfg.init_from) and any(os.path.samefile(cfg.init_from, p) for p in old_run):
+        raise TrainError(f"--init_from={cfg.init_from} is a checkpoint of the run in {cfg.out_dir}, which --overwrite "
+                         f"would delete: copy it out of {cfg.out_dir} first, or choose another --out_dir")
 
 
 def _load_start(cfg: TrainConfig, ctx: DistContext, model: Transformer, tokenizer: dict) -> tuple[dict | None, dict]:
@@ -948,14 +958,16 @@ def describe_run(run: Run) -> str:
     parallel = "FSDP2" if cfg.fsdp else ("DDP" if ctx.distributed else "single process")
     describe = getattr(run.train_ds, "describe", None)
     val_describe = getattr(run.val_ds, "describe", None)
+    # a padded source (SFT) fills only part of each micro_batch_size x seq_len block: the plan is an upper bound
+    up_to = "at most " if getattr(run.train_ds, "pad_id", None) is not None else ""
     lines = [format_config(cfg),
              f"model: {params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the embedding), "
              f"{run.flops_per_token / 1e9:.3f} GFLOP/token at seq {p.seq_len}",
              f"batch: {cfg.micro_batch_size} seqs x {p.seq_len} tokens x {p.grad_accum_steps} accum x "
-             f"{ctx.world_size} ranks = {p.tokens_per_iter:,} tokens/step",
+             f"{ctx.world_size} ranks = {up_to}{p.tokens_per_iter:,} tokens/step",
              f"data: {describe() if describe else f'{len(run.train_ds):,} micro batches per epoch per rank'}",
              f"val: {val_describe() if val_describe else ('yes' if run.val_ds is not None else 'none')}",
-             f"run: {p.max_iters:,} steps = {total_tokens:,} tokens = {epochs:.2f} epochs = "
+             f"run: {p.max_iters:,} steps = {up_to}{total_tokens:,} tokens = {epochs:.2f} epochs = "
              f"{total_tokens / max(1, params):.1f} tokens/parameter",
              f"schedule: lr {cfg.lr:g}, {p.warmup_iters} warmup steps, cosine to {cfg.min_lr:g} at step "
              f"{p.lr_decay_iters}; AdamW betas ({cfg.beta1}, {cfg.beta2}) weight decay {cfg.weight_decay}; "
@@ -1010,8 +1022,8 @@ def _after_step(run: Run, result: StepResult) -> None:
         run.bad_in_a_row = 0
         return
     run.skipped_steps += 1
-    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
-        return   # skipped for having no target tokens: not a numerical problem
+    if result.no_targets:
+        return
     run.bad_in_a_row += 1
     if run.bad_in_a_row >= run.cfg.max_bad_steps:
         raise TrainError(f"stopped at step {run.step:,}: {run.bad_in_a_row} steps in a row had a non-finite loss or "

@@ -65,3 +65,15 @@ def test_loss_falls_on_the_bundled_sample(tmp_path, tokenizer_dir):
     assert val[-1] < val[0] - 2.0        # 25 steps on the sample: far below the start
     losses = list(train_losses(out).values())
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5
+
+
+def test_validation_file_inside_the_training_glob_is_refused(tmp_path, capsys):
+    """--data="data/*.bin" also matches data/pretrain_val.bin: training on it would make the val loss untrue."""
+    data = make_data(tmp_path / "data")
+    glob_all = os.path.join(os.path.dirname(data), "*.bin")
+    assert pretrain.cli(flags(glob_all, tmp_path / "leak")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "pretrain_val.bin is validation data" in err
+    assert pretrain.cli(flags(data, tmp_path / "same", val_data=data)) == 1
+    assert "pretrain_data.bin is validation data" in capsys.readouterr().err
+    assert pretrain.cli(flags(glob_all, tmp_path / "ok", val_data="none", max_iters=1)) == 0

@@ -193,6 +193,21 @@ def test_step_loss_is_the_mean_over_answer_tokens_of_the_whole_step(sample_csv, 
         torch.testing.assert_close(before[name] - param.detach(), expected, rtol=1e-4, atol=1e-7)
 
 
+def test_start_summary_calls_the_padded_token_budget_an_upper_bound(sample_csv, small_tokenizer, tmp_path):
+    """SFT batches pad to their longest sample, shorter than seq_len: micro_batch_size x seq_len x accum is
+    the most a step can train on, not what it trains on."""
+    cfg = trainer.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", seq_len=512), sft.DEFAULTS)
+    ctx = trainer.setup_distributed()
+    identity = tokenizer_identity(small_tokenizer)
+    model_args = trainer.resolve_model_args(cfg, ctx, identity)
+    train_ds, _ = sft.build_datasets(cfg, load_tokenizer(small_tokenizer), model_args.max_seq_len, 0, 1)
+    run, _ = trainer.build_run(cfg, ctx, model_args, train_ds, None, identity)
+    real = sum(trainer._real_positions(train_ds.next_batch()[0], train_ds) for _ in range(2))
+    assert real < 2 * 2 * 512   # one step's real positions fall short of the block
+    summary = trainer.describe_run(run)
+    assert "ranks = at most 2,048 tokens/step" in summary and "16 steps = at most 32,768 tokens" in summary
+
+
 # ---------------------------------------------------------------------------------------- errors
 def test_user_errors_are_one_line(sample_csv, small_tokenizer, init_weights, tmp_path, capsys):
     bad = tmp_path / "bad.csv"

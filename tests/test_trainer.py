@@ -187,6 +187,19 @@ def test_new_run_never_overwrites_an_old_one_unless_asked(data, tmp_path, refere
     assert max(train_losses(copy)) == 2   # the old run's rows are gone
 
 
+def test_overwrite_never_deletes_the_init_from_weights(data, tmp_path, reference, capsys):
+    """`--init_from=OUT/ckpt.pt --overwrite` in the same out_dir (a fresh optimizer, same folder) must not delete
+    the very weights it was asked to start from."""
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    for weights in ("ckpt.pt", "ckpt_0000004.pt", "best.pt"):
+        assert pretrain.cli(flags(data, out, init_from=out / weights) + ["--overwrite"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and "--overwrite would delete" in err, err
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference[0]))
+    assert_same_weights(load(out / "ckpt.pt")["model"], load(reference[0] / "ckpt.pt")["model"])
+
+
 def test_resume_with_data_of_another_tokenizer_is_refused(data, reference, capsys):
     out, _ = reference
     write_bin(data, np.arange(3000) % 512, tokenizer=dict(SYNTH_TOKENIZER, sha256="cd" * 32, path="retrained"))
@@ -300,3 +313,16 @@ def test_tokens_per_second_counts_real_tokens_not_padding():
     x = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     assert trainer._real_positions(x, Padded()) == 6
     assert trainer._real_positions(x, object()) == 8   # pretraining windows are never padded
+
+
+def test_steps_without_targets_are_skipped_but_never_stop_the_run():
+    """A step whose batches hold no target token (possible in SFT) is skipped and counted, but it is not a
+    numerical failure: only non-finite steps count towards --max_bad_steps."""
+    import types
+    run = types.SimpleNamespace(bad_in_a_row=0, skipped_steps=0, step=5, cfg=TrainConfig(max_bad_steps=2))
+    for _ in range(5):
+        trainer._after_step(run, trainer.StepResult(math.nan, math.nan, 0, skipped=True, no_targets=True))
+    assert (run.skipped_steps, run.bad_in_a_row) == (5, 0)
+    trainer._after_step(run, trainer.StepResult(math.nan, math.nan, 8, skipped=True))
+    with pytest.raises(trainer.TrainError, match="non-finite"):
+        trainer._after_step(run, trainer.StepResult(math.nan, math.nan, 8, skipped=True))
