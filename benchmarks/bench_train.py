@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelArgs, Transformer, model_args_from_preset  # noqa: E402
+from trainer import keep_freed_memory_on_cpu  # noqa: E402
 
 SHAPES = {"tiny": (8, 256), "92m": (1, 512), "218m": (1, 512)}   # preset -> (batch, seq) on CPU
 
@@ -91,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,92m", help="comma-separated model presets")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per model (after 1 warm-up)")
+    parser.add_argument("--default_malloc", action="store_true",
+                        help="leave glibc's malloc as it is (pretrain.py tunes it on CPU, see trainer.py)")
     opts = parser.parse_args(argv)
+    allocator = "glibc default" if opts.default_malloc or not keep_freed_memory_on_cpu() else "freed memory kept"
     peak = mm_peak_flops()
-    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; median of {opts.steps} steps "
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, malloc: {allocator}; median of {opts.steps} steps "
           f"(fwd + bwd + AdamW), the two models alternating step by step")
     results = [bench_preset(name.strip(), opts.steps) for name in opts.presets.split(",")]
     peak = max(peak, mm_peak_flops())   # a busy machine at the start must not inflate the shares
