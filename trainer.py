@@ -1119,6 +1119,9 @@ def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: B
     if ctx.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # fp32 matmuls (outside autocast) on TF32 tensor cores
     run, meta = build_run(cfg, ctx, model_args, train_ds, val_ds, tokenizer)
+    if run.step >= run.plan.max_iters:
+        raise TrainError(f"the run in {cfg.out_dir} already finished at step {run.step:,} (max_iters "
+                         f"{run.plan.max_iters:,}): pass a larger --max_iters (or --epochs) to train on")
     if ctx.is_master:
         print(describe_run(run), flush=True)
     run.logger = MetricsLogger(cfg, ctx, meta["step"] if meta else None)

@@ -326,3 +326,13 @@ def test_steps_without_targets_are_skipped_but_never_stop_the_run():
     trainer._after_step(run, trainer.StepResult(math.nan, math.nan, 8, skipped=True))
     with pytest.raises(trainer.TrainError, match="non-finite"):
         trainer._after_step(run, trainer.StepResult(math.nan, math.nan, 8, skipped=True))
+
+
+def test_resume_of_a_finished_run_says_so(data, tmp_path, reference, capsys):
+    ref_out, _ = reference
+    out = tmp_path / "done"
+    shutil.copytree(ref_out, out)
+    assert pretrain.cli(flags(data, out) + ["--resume"]) == 1          # max_iters=8: nothing left to do
+    assert "already finished at step 8" in capsys.readouterr().err
+    assert pretrain.cli(flags(data, out, max_iters=9) + ["--resume"]) == 0
+    assert load(out / "ckpt.pt")["step"] == 9
