@@ -60,8 +60,10 @@ def _download_chatglm2(model_path: str) -> None:
         downloaded = hf_hub_download(CHATGLM2_REPO, MODEL_FILE)
     except Exception as exc:  # offline, hub unreachable, or huggingface_hub missing
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if len(first_line) > 200:
+            first_line = first_line[:200] + "…"
         raise TokenizerError(_missing_message(model_path, f"{model_path} is missing and the download "
-                                                          f"failed ({first_line[:160]})")) from None
+                                                          f"failed ({first_line})")) from None
     if _sha256(downloaded) != CHATGLM2_SHA256:
         raise TokenizerError(_missing_message(model_path, f"downloaded {MODEL_FILE} has the wrong sha256"))
     tmp = model_path + ".tmp"
