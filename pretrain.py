@@ -66,12 +66,7 @@ def main(argv: list[str]) -> dict:
     if val_ds is None and ctx.is_master and cfg.val_data.lower() != "none":
         print(f"note: no validation data (no {default_val_path(train_paths[0])}, no --val_data): "
               f"no val loss, no best.pt", file=sys.stderr)
-    summary = train(cfg, ctx, model_args, train_ds, val_ds, tokenizer)
-    if ctx.is_master:
-        val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-        print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} tokens, train loss "
-              f"{summary['train_loss']:.4f}{val}; checkpoint {summary['checkpoint']}")
-    return summary
+    return train(cfg, ctx, model_args, train_ds, val_ds, tokenizer)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -82,12 +82,7 @@ def main(argv: list[str]) -> dict:
     identity = tokenizer_identity(tokenizer_path)
     model_args = resolve_model_args(cfg, ctx, identity)
     train_ds, val_ds = build_datasets(cfg, tokenizer, model_args.max_seq_len, ctx.rank, ctx.world_size)
-    summary = train(cfg, ctx, model_args, train_ds, val_ds, identity)
-    if ctx.is_master:
-        val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-        print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} token positions, answer-token "
-              f"loss {summary['train_loss']:.4f}{val}; checkpoint {summary['checkpoint']}")
-    return summary
+    return train(cfg, ctx, model_args, train_ds, val_ds, identity)
 
 
 if __name__ == "__main__":

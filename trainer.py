@@ -1131,9 +1131,14 @@ def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: B
         raise TrainError(_oom_message(cfg, run.plan)) from None
     finally:
         run.logger.close()
-    return {"step": run.step, "tokens_seen": run.tokens_seen, "train_loss": run.metrics.get("loss", math.nan),
-            "val_loss": run.last_val_loss, "best_val_loss": run.best_val_loss, "skipped_steps": run.skipped_steps,
-            "checkpoint": os.path.join(cfg.out_dir, CKPT_LATEST)}
+    summary = {"step": run.step, "tokens_seen": run.tokens_seen, "train_loss": run.metrics.get("loss", math.nan),
+               "val_loss": run.last_val_loss, "best_val_loss": run.best_val_loss, "skipped_steps": run.skipped_steps,
+               "checkpoint": os.path.join(cfg.out_dir, CKPT_LATEST)}
+    if ctx.is_master:
+        val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
+        print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} tokens, train loss (per target token) "
+              f"{summary['train_loss']:.4f}{val}; checkpoint {summary['checkpoint']}")
+    return summary
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None,
