@@ -5,7 +5,8 @@
     printf '头痛怎么办？\\n需要去医院吗？\\n' | python chat.py --ckpt=out/sft/ckpt.pt   # one question a line
 
 Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves, /help lists them; Ctrl-C stops the
-answer being written and keeps the program running (that unfinished turn is not remembered).
+answer being written and keeps the program running (that unfinished turn is not remembered). An answer
+that reached --max_new_tokens before `<eos>` ends with a `[cut at --max_new_tokens=N]` mark.
 
 Each question is laid out as SFT trained on: the earlier turns `prompt <bos> answer <eos>` oldest first,
 then `question <bos>`; the answer runs to `<eos>` or --max_new_tokens. When the conversation no longer
@@ -40,6 +41,7 @@ class ChatSession:
         self.budget = prompt_budget(model.args.max_seq_len, options["max_new_tokens"])
         self.notice = notice
         self.history: list[Turn] = []
+        self.last_answer_cut = False   # the last answer stopped at max_new_tokens, not at <eos>
 
     def reset(self) -> None:
         self.history = []
@@ -55,6 +57,7 @@ class ChatSession:
         answer_ids: list[int] = []
         with self.autocast:
             yield from stream_text(self.model, self.tokenizer, ids, self.options, self.device, answer_ids)
+        self.last_answer_cut = len(answer_ids) >= self.options["max_new_tokens"]
         self.history.append(sft_turn(self.tokenizer, question, answer_ids))
 
 
@@ -83,6 +86,9 @@ def answer(session: ChatSession, question: str, out: TextIO) -> None:
     except KeyboardInterrupt:
         pieces.close()
         out.write(" [stopped]")
+    else:
+        if session.last_answer_cut:
+            out.write(f" [cut at --max_new_tokens={session.options['max_new_tokens']}]")
     out.write("\n\n")
     out.flush()
 

@@ -27,10 +27,12 @@ def tiny_ckpt(tmp_path_factory, tokenizer_dir) -> str:
 
 
 def greedy_answer(ckpt: str, question: str, max_new_tokens: int) -> str:
+    """The answer as chat.py should print it: greedy text, marked when it reached max_new_tokens."""
     model, tok, _ = load_for_inference(ckpt)
     ids, _ = sft_prompt_ids(tok, question, [], 10_000)
-    new = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=0, eos_id=2)
-    return tok.decode_ids(new[0].tolist())
+    new = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=0, eos_id=2)[0].tolist()
+    cut = f" [cut at --max_new_tokens={max_new_tokens}]" if len(new) == max_new_tokens else ""
+    return tok.decode_ids(new) + cut
 
 
 def test_chat_through_a_pipe(tiny_ckpt):
@@ -111,6 +113,18 @@ def test_ctrl_c_stops_the_answer_but_not_the_program(tokenizer):
     assert "[stopped]" in text and "你：你好" in text
     assert model.prompts[1] == tokenizer.encode("你好") + [1]    # the stopped turn was not remembered
     assert len(session.history) == 1
+
+
+def test_an_answer_cut_by_max_new_tokens_is_marked(tokenizer):
+    model = RecordingModel(512, tokenizer.encode("多喝水，注意休息，按时吃药"))
+    session, _ = session_for(model, tokenizer, max_new_tokens=3)
+    out = io.StringIO()
+    chat.chat_loop(session, feed(["感冒了怎么办？"]), out, echo=False)
+    assert out.getvalue().endswith(" [cut at --max_new_tokens=3]\n\n")
+    model.answer_ids = tokenizer.encode("多喝水")[:2]               # ends (at <eos>) before the limit
+    out = io.StringIO()
+    chat.chat_loop(session, feed(["还有呢？"]), out, echo=False)
+    assert "[cut" not in out.getvalue() and len(session.history) == 2
 
 
 def test_stream_decoder_never_splits_a_multibyte_character(tokenizer):
