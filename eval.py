@@ -131,6 +131,11 @@ def _field(row: dict, name: str, where: str) -> str:
     return str(row[name]).strip()
 
 
+def _answer(row: dict, name: str) -> str:
+    """The answer field; absent is the same as empty (C-Eval's test split publishes no answer column)."""
+    return str(row.get(name) or "")
+
+
 def _question(subject: str, text: str, options: dict[str, str], answer: str, where: str) -> Question:
     """Check the answer is one letter among the options (SkipItem with the reason otherwise)."""
     answer = answer.strip().upper()
@@ -147,12 +152,12 @@ def _question(subject: str, text: str, options: dict[str, str], answer: str, whe
 
 def parse_ceval_row(row: dict, where: str, subject: str) -> Question:
     options = {letter: _field(row, letter, where) for letter in "ABCD"}
-    return _question(subject, _field(row, "question", where), options, _field(row, "answer", where), where)
+    return _question(subject, _field(row, "question", where), options, _answer(row, "answer"), where)
 
 
 def parse_cmmlu_row(row: dict, where: str, subject: str) -> Question:
     options = {letter: _field(row, letter, where) for letter in "ABCD"}
-    return _question(subject, _field(row, "Question", where), options, _field(row, "Answer", where), where)
+    return _question(subject, _field(row, "Question", where), options, _answer(row, "Answer"), where)
 
 
 def parse_cmb_row(row: dict, where: str, subject: str) -> Question:
@@ -163,7 +168,7 @@ def parse_cmb_row(row: dict, where: str, subject: str) -> Question:
         raise SkipItem("several answers")
     options = {str(k).strip().upper(): str(v).strip() for k, v in sorted(option.items()) if str(v or "").strip()}
     subject = str(row.get("exam_subject") or row.get("exam_type") or subject).strip()
-    return _question(subject, _field(row, "question", where), options, _field(row, "answer", where), where)
+    return _question(subject, _field(row, "question", where), options, _answer(row, "answer"), where)
 
 
 CMEXAM_OPTION = re.compile(r"^\s*([A-Z])(?:\s+|\s*[.．、:：]\s*)(.*)$")   # "A 内容" (or "A. 内容")
@@ -177,7 +182,7 @@ def parse_cmexam_row(row: dict, where: str, subject: str) -> Question:
             raise SkipItem("an option line is not 'A 内容'")
         if match:
             options[match.group(1)] = match.group(2).strip()
-    return _question(subject, _field(row, "Question", where), options, _field(row, "Answer", where), where)
+    return _question(subject, _field(row, "Question", where), options, _answer(row, "Answer"), where)
 
 
 def parse_medqa_row(row: dict, where: str, subject: str) -> Question:
@@ -185,7 +190,7 @@ def parse_medqa_row(row: dict, where: str, subject: str) -> Question:
     if not isinstance(options, dict):
         raise BenchError(f"{where}: field options: expected an object of lettered options")
     options = {str(k).strip().upper(): str(v).strip() for k, v in sorted(options.items())}
-    return _question(subject, _field(row, "question", where), options, _field(row, "answer_idx", where), where)
+    return _question(subject, _field(row, "question", where), options, _answer(row, "answer_idx"), where)
 
 
 PARSERS = {"ceval": parse_ceval_row, "cmmlu": parse_cmmlu_row, "cmb": parse_cmb_row,

@@ -120,6 +120,10 @@ def test_bad_benchmark_input_is_one_line_naming_file_line_and_field(tmp_path):
     bad.write_text("id,question,A,B,C,answer\n0,题目,甲,乙,丙,A\n", encoding="utf-8")
     with pytest.raises(ev.BenchError, match=r"x_val\.csv:2: missing field D"):
         ev.load_benchmark(f"ceval:{bad}")
+    no_answers = tmp_path / "x_test.csv"   # C-Eval's test split: no answer column
+    no_answers.write_text("id,question,A,B,C,D\n0,题目,甲,乙,丙,丁\n", encoding="utf-8")
+    with pytest.raises(ev.BenchError, match=r"no scorable items.*'no answer \(a test split\?\)': 1"):
+        ev.load_benchmark(f"ceval:{no_answers}")
     with pytest.raises(ev.BenchError, match="FORMAT one of"):
         ev.load_benchmark(f"mmlu:{bad}")
     with pytest.raises(ev.BenchError, match="neither a file or folder"):
