@@ -76,7 +76,7 @@ def main(argv: list[str]) -> dict:
         raise ConfigError(f"--bucket_batches={cfg.bucket_batches} --val_fraction={cfg.val_fraction}: need "
                           f"bucket_batches >= 1 and 0 <= val_fraction < 1")
     ctx = setup_distributed()
-    recorded = None if cfg.tokenizer else recorded_tokenizer(cfg)
+    recorded = None if cfg.tokenizer else recorded_tokenizer(cfg, ctx)
     tokenizer_path = cfg.tokenizer or (recorded or {}).get("path") or DEFAULT_TOKENIZER
     tokenizer = load_tokenizer(tokenizer_path)
     identity = tokenizer_identity(tokenizer_path)

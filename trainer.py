@@ -453,14 +453,17 @@ def resolve_model_args(cfg: TrainConfig, ctx: DistContext, tokenizer: dict) -> M
     return ModelArgs(**_on_rank0(ctx, pick))
 
 
-def recorded_tokenizer(cfg: TrainConfig) -> dict | None:
+def recorded_tokenizer(cfg: TrainConfig, ctx: DistContext) -> dict | None:
     """The tokenizer identity that --resume's checkpoint or the --init_from weights record (None when there are
-    none, or they record none, like a seed .pth): a stage can default --tokenizer to it."""
-    if cfg.resume:
-        return find_checkpoint(cfg.out_dir, report=False)[0]["tokenizer"]
-    if cfg.init_from:
-        return load_model(cfg.init_from, n_heads=model_args_from_preset(cfg.preset).n_heads)[1]["tokenizer"]
-    return None
+    none, or they record none, like a seed .pth): a stage can default --tokenizer to it. Rank 0 reads the
+    checkpoint and tells the others (one load of the weights per run, not one per rank)."""
+    def read() -> dict | None:
+        if cfg.resume:
+            return find_checkpoint(cfg.out_dir, report=False)[0]["tokenizer"]
+        if cfg.init_from:
+            return load_model(cfg.init_from, n_heads=model_args_from_preset(cfg.preset).n_heads)[1]["tokenizer"]
+        return None
+    return _on_rank0(ctx, read)
 
 
 def _init_model_args(cfg: TrainConfig, tokenizer: dict) -> dict:

@@ -20,6 +20,7 @@ from model import Transformer, load_model
 from test_dataset import SYNTH_TOKENIZER, write_bin
 from trainer import ConfigError, TrainConfig, get_lr, parse_config
 
+SINGLE = trainer.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))   # one process
 BASE_FLAGS = dict(preset="tiny", seq_len=16, micro_batch_size=2, grad_accum_steps=2, lr=3e-3, min_lr=3e-4,
                   warmup_iters=2, lr_decay_iters=8, eval_interval=4, eval_iters=2, save_interval=4,
                   log_interval=1, keep_last=2, max_iters=8)
@@ -221,9 +222,9 @@ def test_init_from_checkpoint_and_seed_state_dict(data, tmp_path, reference):
         assert start["step"] == 0 and start["val_loss"] == pytest.approx(ref_val, rel=1e-6)
         assert load(out / "ckpt.pt")["step"] == 1   # a new run: counters start at zero
     cfg = TrainConfig(init_from=str(ref_out / "ckpt.pt"))
-    assert trainer.recorded_tokenizer(cfg) == SYNTH_TOKENIZER
-    assert trainer.recorded_tokenizer(TrainConfig(init_from=str(seed_pth), preset="tiny")) is None
-    assert trainer.recorded_tokenizer(TrainConfig(resume=True, out_dir=str(ref_out))) == SYNTH_TOKENIZER
+    assert trainer.recorded_tokenizer(cfg, SINGLE) == SYNTH_TOKENIZER
+    assert trainer.recorded_tokenizer(TrainConfig(init_from=str(seed_pth), preset="tiny"), SINGLE) is None
+    assert trainer.recorded_tokenizer(TrainConfig(resume=True, out_dir=str(ref_out)), SINGLE) == SYNTH_TOKENIZER
 
 
 def test_init_from_seed_weights_one_row_short(tmp_path, reference):
