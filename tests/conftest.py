@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -19,6 +20,19 @@ sys.path.insert(0, REPO)
 # The test models are tiny: one thread each is faster than two fighting over 2 cores, and the 2-process
 # torchrun tests would otherwise oversubscribe them. Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def torchrun(script: str, argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=nproc script argv` from the repo root on gloo; asserts it
+    succeeded. A rank that crashes dumps its Python stack (faulthandler), and the failure message shows the
+    ranks' own output, not only torchrun's summary of it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")   # the ranks share the cores
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+           *argv]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    ranks_output = done.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+    assert done.returncode == 0, f"{done.stdout[-1500:]}\n--- stderr ---\n{ranks_output[-4000:]}"
+    return done
 
 
 def need_shared(*parts: str) -> str:

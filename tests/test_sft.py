@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import sft
 import trainer
 from chatglm_tokenizer import load_tokenizer, tokenizer_identity
+from conftest import torchrun
 from dataset_sft import IGNORE_INDEX, SFTDataError, read_sft_csv
 from model import Transformer, model_args_from_preset
 
@@ -128,11 +129,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(sample_csv, small_t
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(init_from=init_weights, max_iters=3, eval_interval=3, save_interval=3)
     sft.main(flags(sample_csv, small_tokenizer, one, micro_batch_size=4, **common))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
-               *flags(sample_csv, small_tokenizer, two, micro_batch_size=2, **common)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun("sft.py", flags(sample_csv, small_tokenizer, two, micro_batch_size=2, **common))
     losses_one, losses_two = metrics(one, "loss"), metrics(two, "loss")
     assert losses_one.keys() == losses_two.keys() == {1, 2, 3}
     for step in losses_one:

@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import pretrain
 import trainer
+from conftest import torchrun
 from test_trainer import flags, load, make_data, train_losses
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
-
-
-def torchrun(argv: list[str], script: str = "pretrain.py") -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")   # two ranks share the test machine's cores
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *argv]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def assert_close_weights(a: dict, b: dict) -> None:
@@ -53,8 +43,8 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(single):
     out = single_out.parent / "ddp"
     # micro batch 1 x 2 accumulation steps x 2 ranks reads the windows the single process reads (DDP holds back
     # the all-reduce on the first micro batch); eval: 2 batches of 1 per rank = the single run's 2 batches of 2
-    done = torchrun(flags(data, out, micro_batch_size=1, grad_accum_steps=2, max_iters=STEPS, save_interval=3,
-                          eval_interval=3, eval_iters=2))
+    done = torchrun("pretrain.py", flags(data, out, micro_batch_size=1, grad_accum_steps=2, max_iters=STEPS,
+                                         save_interval=3, eval_interval=3, eval_iters=2))
     assert "x 2 ranks" in done.stdout and "DDP" in done.stdout
     ref, got = train_losses(single_out), train_losses(out)
     assert got.keys() == ref.keys() == set(range(1, STEPS + 1))
@@ -71,8 +61,8 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_matches(single):
     os.makedirs(out)
     shutil.copyfile(single_out / "ckpt_0000003.pt", out / "ckpt.pt")
     shutil.copyfile(single_out / "metrics.jsonl", out / "metrics.jsonl")
-    done = torchrun(flags(data, out, micro_batch_size=2, grad_accum_steps=1, max_iters=STEPS, save_interval=3,
-                          eval_interval=3) + ["--fsdp", "--resume"])
+    done = torchrun("pretrain.py", flags(data, out, micro_batch_size=2, grad_accum_steps=1, max_iters=STEPS,
+                                         save_interval=3, eval_interval=3) + ["--fsdp", "--resume"])
     assert "FSDP2" in done.stdout and "resuming" in done.stdout
     ref, got = train_losses(single_out), train_losses(out)
     assert list(got.values()) == pytest.approx(list(ref.values()), rel=1e-5)
@@ -111,8 +101,8 @@ def test_ddp_run_joins_the_gloo_threads_before_exit(single, tmp_path):
     data, _ = single
     probe = tmp_path / "probe.py"
     probe.write_text(THREAD_PROBE)
-    done = torchrun(flags(data, tmp_path / "out", micro_batch_size=1, max_iters=2, eval_interval=2,
-                          save_interval=2), script=str(probe))
+    done = torchrun(str(probe), flags(data, tmp_path / "out", micro_batch_size=1, max_iters=2, eval_interval=2,
+                                      save_interval=2))
     for rank in (0, 1):
         assert f"rank {rank} before cleanup: ['gloo_tcp_loop', 'pt_gloo_runloop'" in done.stdout
         assert f"rank {rank} after cleanup: []" in done.stdout, done.stdout[-2000:]
