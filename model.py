@@ -307,10 +307,15 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT: 6 N + 12 L H Q T, where N
         counts the weights used in matmuls (every parameter but an untied input embedding, which is a lookup)."""
+        return self.training_flops(1, seq_len or self.args.max_seq_len)
+
+    def training_flops(self, positions: int, squared_lengths: int) -> float:
+        """Training FLOPs of samples with `positions` tokens in all and sum of squared lengths `squared_lengths`:
+        a sample of length l costs 6 N l + 12 L H Q l^2 (attention grows with its own length, not seq_len, so
+        short SFT samples are not counted at the cost of full-length ones)."""
         args = self.args
-        seq_len = seq_len or args.max_seq_len
         matmul_params = self.num_params(non_embedding=True) + self.output.weight.numel()
-        return 6 * matmul_params + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+        return 6 * matmul_params * positions + 12 * args.n_layers * args.n_heads * args.head_dim * squared_lengths
 
     # ---- generation ----
 

@@ -817,6 +817,7 @@ class StepResult:
     positions: int         # real (unpadded) token positions processed, all ranks
     skipped: bool          # no update: non-finite loss/gradient, or no target tokens
     no_targets: bool = False   # skipped because the step had no target tokens (not a numerical problem)
+    flops: float = 0.0         # training FLOPs of the step's real samples, all ranks (Transformer.training_flops)
 
 
 def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tensor:
@@ -838,11 +839,13 @@ def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tens
     return loss_sum
 
 
-def _real_positions(x: torch.Tensor, source: BatchSource) -> int:
-    """Token positions in a micro batch, padding excluded (a source that pads says so with `pad_id`), so that
-    tokens/s and MFU count only real work."""
+def _sample_lengths(x: torch.Tensor, source: BatchSource) -> torch.Tensor:
+    """Length of each sample in a micro batch, padding excluded (a source that pads says so with `pad_id`), so
+    that tokens/s and MFU count only real work."""
     pad_id = getattr(source, "pad_id", None)
-    return x.numel() if pad_id is None else int((x != pad_id).sum())
+    if pad_id is None:
+        return torch.full((x.shape[0],), x.shape[1], dtype=torch.float64)
+    return (x != pad_id).sum(dim=1, dtype=torch.float64)
 
 
 def train_step(run: Run, lr: float) -> StepResult:
@@ -851,12 +854,12 @@ def train_step(run: Run, lr: float) -> StepResult:
         group["lr"] = lr
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
     # counted on the CPU; only a distributed run moves them to the device for the all-reduce (a GPU sync)
-    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches),
-                           sum(_real_positions(x, run.train_ds) for x, _ in batches)],
+    lengths = torch.cat([_sample_lengths(x, run.train_ds) for x, _ in batches])
+    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches), lengths.sum(), lengths.square().sum()],
                           dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
-    n_targets, positions = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
+    n_targets, positions, squared_lengths = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
     if n_targets == 0:   # every rank sees the same global count, so all skip together
-        return StepResult(math.nan, math.nan, positions, skipped=True, no_targets=True)
+        return StepResult(math.nan, math.nan, positions, skipped=True, no_targets=True)   # no compute ran
     loss_sum = _accumulate_gradients(run, batches, n_targets)
     totals = _all_reduce(run.ctx, torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()]))
     run.scaler.unscale_(run.optimizer)
@@ -869,7 +872,8 @@ def train_step(run: Run, lr: float) -> StepResult:
         run.scaler.step(run.optimizer)
     run.scaler.update()   # with fp16, a non-finite gradient also lowers the loss scale
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, grad_norm, positions, skipped=not finite)
+    return StepResult(loss, grad_norm, positions, skipped=not finite,
+                      flops=run.raw.training_flops(positions, squared_lengths))
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -1001,14 +1005,14 @@ def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm)
            "tokens_per_s": tokens_per_s, "skipped_steps": run.skipped_steps}
     text = f"loss {row['loss']:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
     if run.peak_flops:
-        row["mfu"] = run.flops_per_token * tokens_per_s / run.ctx.world_size / run.peak_flops
+        row["mfu"] = window["flops"] / elapsed / run.ctx.world_size / run.peak_flops
         text += f" mfu {row['mfu']:.1%}"
     if run.ctx.device.type == "cuda":   # what the micro batch costs: the number to watch on 24 GB cards
         row["max_mem_gb"] = torch.cuda.max_memory_allocated(run.ctx.device) / 2 ** 30
     run.logger.log(row)
     run.metrics["loss"] = row["loss"]
     bar.set_postfix_str(text, refresh=False)
-    window.update(start=time.perf_counter(), tokens=0, losses=[])
+    window.update(start=time.perf_counter(), tokens=0, flops=0.0, losses=[])
 
 
 def _eval_and_log(run: Run, bar: tqdm) -> None:
@@ -1056,13 +1060,14 @@ def _steps(run: Run, bar: tqdm) -> None:
     cfg, plan = run.cfg, run.plan
     if run.step == 0:
         _eval_and_log(run, bar)   # the starting point of the validation curve
-    window = {"start": time.perf_counter(), "tokens": 0, "losses": []}
+    window = {"start": time.perf_counter(), "tokens": 0, "flops": 0.0, "losses": []}
     while run.step < plan.max_iters:
         lr = get_lr(run.step, cfg.lr, cfg.min_lr, plan.warmup_iters, plan.lr_decay_iters)
         result = train_step(run, lr)
         run.step += 1
         run.tokens_seen += result.positions
         window["tokens"] += result.positions
+        window["flops"] += result.flops
         window["losses"].append(result.loss)
         _after_step(run, result)
         bar.update(1)

@@ -190,6 +190,10 @@ def test_presets_and_param_counts():
     assert seed_92m.num_params() == VOCAB * 512 + 8 * per_layer + 512
     assert seed_92m.num_params(non_embedding=True) == 8 * per_layer + 512
     assert seed_92m.flops_per_token(512) == 6 * seed_92m.num_params() + 12 * 8 * 512 * 512
+    # samples of lengths 100 and 300: attention is paid at each sample's own length
+    assert seed_92m.training_flops(400, 100**2 + 300**2) == 6 * seed_92m.num_params() * 400 + 12 * 8 * 512 * (
+        100**2 + 300**2)
+    assert seed_92m.training_flops(4 * 512, 4 * 512**2) == 4 * 512 * seed_92m.flops_per_token(512)   # full rows
     tiny = make_model()
     assert 100_000 < tiny.num_params() < 5_000_000 and tiny.args.kv_heads < tiny.args.n_heads
     with pytest.raises(ValueError, match="unknown model preset"):

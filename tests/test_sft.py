@@ -184,25 +184,35 @@ def test_step_loss_is_the_mean_over_answer_tokens_of_the_whole_step(sample_csv, 
 
     result = trainer.train_step(run, lr=1.0)
     assert result.loss == pytest.approx(step_loss.item(), rel=1e-6)
+    lengths = [int(n) for x, _ in batches for n in (x != train_ds.pad_id).sum(dim=1)]   # padding excluded
+    assert result.positions == sum(lengths)
+    assert result.flops == run.raw.training_flops(sum(lengths), sum(n * n for n in lengths))
     assert abs(mean_of_means - step_loss.item()) > 1e-4               # the two definitions differ here
     for name, param in run.raw.named_parameters():
         expected = dict(reference_model.named_parameters())[name].grad
         torch.testing.assert_close(before[name] - param.detach(), expected, rtol=1e-4, atol=1e-7)
 
 
-def test_start_summary_calls_the_padded_token_budget_an_upper_bound(sample_csv, small_tokenizer, tmp_path):
+def test_padded_token_budget_is_an_upper_bound_and_flops_count_real_lengths(sample_csv, small_tokenizer, tmp_path):
     """SFT batches pad to their longest sample, shorter than seq_len: micro_batch_size x seq_len x accum is
-    the most a step can train on, not what it trains on."""
+    the most a step can train on, not what it trains on; MFU counts each sample's attention at its length."""
     cfg = trainer.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", seq_len=512), sft.DEFAULTS)
     ctx = trainer.setup_distributed()
     identity = tokenizer_identity(small_tokenizer)
     model_args = trainer.resolve_model_args(cfg, ctx, identity)
     train_ds, _ = sft.build_datasets(cfg, load_tokenizer(small_tokenizer), model_args.max_seq_len, 0, 1)
     run, _ = trainer.build_run(cfg, ctx, model_args, train_ds, None, identity)
-    real = sum(trainer._real_positions(train_ds.next_batch()[0], train_ds) for _ in range(2))
-    assert real < 2 * 2 * 512   # one step's real positions fall short of the block
+    position = train_ds.state_dict()
+    lengths = torch.cat([trainer._sample_lengths(train_ds.next_batch()[0], train_ds) for _ in range(2)])
+    train_ds.load_state_dict(position)
+    assert lengths.sum() < 2 * 2 * 512   # one step's real positions fall short of the block
     summary = trainer.describe_run(run)
     assert "ranks = at most 2,048 tokens/step" in summary and "16 steps = at most 32,768 tokens" in summary
+    # and MFU's FLOPs: each sample's attention at its own length, not at seq_len
+    result = trainer.train_step(run, lr=1e-3)
+    assert result.positions == lengths.sum()
+    assert result.flops == run.raw.training_flops(int(lengths.sum()), int(lengths.square().sum()))
+    assert result.flops < result.positions * run.flops_per_token
 
 
 # ---------------------------------------------------------------------------------------- errors

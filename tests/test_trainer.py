@@ -312,8 +312,8 @@ def test_tokens_per_second_counts_real_tokens_not_padding():
     class Padded:
         pad_id = 0
     x = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
-    assert trainer._real_positions(x, Padded()) == 6
-    assert trainer._real_positions(x, object()) == 8   # pretraining windows are never padded
+    assert trainer._sample_lengths(x, Padded()).tolist() == [4, 2]
+    assert trainer._sample_lengths(x, object()).tolist() == [4, 4]   # pretraining windows are never padded
 
 
 def test_steps_without_targets_are_skipped_but_never_stop_the_run():
