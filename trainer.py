@@ -855,7 +855,8 @@ def train_step(run: Run, lr: float) -> StepResult:
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
     # counted on the CPU; only a distributed run moves them to the device for the all-reduce (a GPU sync)
     lengths = torch.cat([_sample_lengths(x, run.train_ds) for x, _ in batches])
-    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches), lengths.sum(), lengths.square().sum()],
+    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches), lengths.sum().item(),
+                           lengths.square().sum().item()],
                           dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
     n_targets, positions, squared_lengths = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
     if n_targets == 0:   # every rank sees the same global count, so all skip together
