@@ -18,6 +18,7 @@ name and renamed into place, so a crash never leaves a half-written export at --
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import sys
@@ -37,13 +38,17 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 def hf_config(args: ModelArgs, dtype: str):
     """transformers.LlamaConfig describing the same network as `args`."""
     from transformers import LlamaConfig
+    if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:   # transformers 5
+        version_specific = {"rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+                            "dtype": dtype}
+    else:   # transformers 4 would keep unknown keys as inert attributes: rope_theta would silently be 10000
+        version_specific = {"rope_theta": args.rope_theta, "torch_dtype": dtype}
     config = LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
         head_dim=args.head_dim, hidden_act="silu", max_position_embeddings=args.max_seq_len,
-        rms_norm_eps=args.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
-        tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, dtype=dtype)
+        rms_norm_eps=args.norm_eps, tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **version_specific)
     config.architectures = ["LlamaForCausalLM"]
     return config
 

@@ -38,7 +38,7 @@ def save_checkpoint(model: Transformer, path, tokenizer_dir: str, **extra) -> st
     return str(path)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "n_kv_heads": 1}])
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "n_kv_heads": 1, "rope_theta": 500000.0}])
 def test_transformers_gives_our_logits_and_greedy_tokens(tmp_path, tokenizer_dir, overrides):
     model = random_model(**overrides)
     out = tmp_path / "hf"
