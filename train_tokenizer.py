@@ -23,7 +23,9 @@ how it was made. Byte fallback means no text is ever unrepresentable: decode(enc
 string, with digits split one per token and whitespace (runs of spaces, newlines) kept as written.
 
 Sampling reads at most --sample_docs documents, shared out evenly over the sources and, inside a source,
-over its files, so memory is bounded by the sample and never by the corpus. Documents whose text hash
+over its files, so memory is bounded by the sample and never by the corpus. Each file's share is its first
+documents (a head sample, so a 16 GB file is not read to the end): a file sorted by topic or title gives a
+skewed sample, so shuffle or split such a file first. Documents whose text hash
 falls in the first --holdout_fraction of the hash space (the same hash data_process.py splits on, so its
 val documents are held out here too when --val-fraction ≤ --holdout_fraction) are never trained on: up
 to --holdout_docs of them measure tokens per character and the byte-fallback rate, for the new tokenizer
