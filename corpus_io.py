@@ -20,7 +20,9 @@ line instead of raising, so callers can skip, count and report it (SkipLog) or s
 """
 from __future__ import annotations
 
+import ast
 import bz2
+import codecs
 import glob
 import gzip
 import io
@@ -42,6 +44,10 @@ LAYOUTS = ("jsonl", "json_array", "txt", "hf")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 _READ_BUFFER = 1 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# A byte that is not UTF-8, inside a JSON array, reaches ijson as this noncharacter (never in interchange text)
+# and two hex digits naming the byte, so only the record holding it is skipped (see _Utf8Marker).
+_INVALID_MARK = "\ufdd0"
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")   # how the surrogateescape error handler decodes such a byte
 # What reading a damaged or unreadable file raises (truncated or corrupt .gz/.bz2/.xz/.zst, permissions).
 # The readers let these through: each caller decides whether that stops it or skips the rest of the file.
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)
@@ -76,7 +82,8 @@ class Position(NamedTuple):
 
 class RawItem(NamedTuple):
     """One unparsed record: the bytes of a line (jsonl, txt) or an already parsed value (json_array, hf).
-    `error` is a file-level failure (the reader stops after it); `position` is the resume point after it."""
+    `error` is set (and `payload` None) for a JSON array item holding bytes that are not UTF-8, or for a
+    file-level failure (the reader stops after it); `position` is the resume point after it."""
     number: int
     payload: Any
     error: str | None
@@ -238,8 +245,9 @@ def parse_payload(layout: str, payload: Any) -> Any:
 
 
 def iter_records(path: str, layout: str) -> Iterator[Record]:
-    """Records of one file. Blank lines are ignored; a malformed line or invalid UTF-8 yields an error
-    record and reading goes on; a malformed JSON array yields one error record and ends that file."""
+    """Records of one file. Blank lines are ignored; a malformed line or invalid UTF-8 (a line, or an item
+    of a JSON array) yields an error record and reading goes on; a malformed JSON array yields one error
+    record and ends that file."""
     for item in iter_raw(path, layout):
         where = where_of(path, layout, item.number)
         if item.error is not None:
@@ -278,24 +286,93 @@ def _skip_bytes(f: BinaryIO, count: int) -> None:
         count -= len(chunk)
 
 
+class _Utf8Marker:
+    """Turns a byte stream into valid UTF-8 for ijson, which otherwise stops the whole file at the first
+    byte that is not UTF-8: each such byte becomes _INVALID_MARK and its value in hex. Clean chunks pass
+    through unchanged; `seen` says whether any byte was marked (only then need records be checked)."""
+
+    def __init__(self) -> None:
+        self._pending = b""   # the start of a character that the next chunk completes
+        self.seen = False
+
+    def feed(self, data: bytes, final: bool) -> bytes:
+        """The UTF-8 of `data` (after what was pending) as far as its characters are complete."""
+        data = self._pending + data if self._pending else data
+        try:
+            used = codecs.utf_8_decode(data, "strict", final)[1]
+            out = data[:used]
+        except UnicodeDecodeError:
+            self.seen = True
+            text, used = codecs.utf_8_decode(data, "surrogateescape", final)
+            marked = _ESCAPED_BYTE.sub(lambda m: f"{_INVALID_MARK}{ord(m.group()) - 0xdc00:02x}", text)
+            out = marked.encode("utf-8")
+        self._pending = data[used:]
+        return out
+
+
 class _CountingReader:
-    """A read() pass-through that counts bytes (for progress) and remembers the first non-blank byte
-    (to tell a JSON array from other JSON)."""
+    """A read() pass-through for ijson that counts the bytes of the original stream (for progress),
+    remembers its first non-blank byte (to tell a JSON array from other JSON) and marks bytes that are
+    not UTF-8 (see _Utf8Marker)."""
 
     def __init__(self, stream: BinaryIO):
         self.stream = stream
         self.count = 0
         self.first = b""
+        self.utf8 = _Utf8Marker()
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.count += len(data)
-        if not self.first and data.strip():
-            self.first = data.strip()[:1]
-        return data
+        while True:
+            data = self.stream.read(size)
+            self.count += len(data)
+            if not self.first and data.strip():
+                self.first = data.strip()[:1]
+            out = self.utf8.feed(data, final=not data)
+            if out or not data:   # b"" means the end to ijson: read on while only a partial character came
+                return out
+
+
+def _marked(text: str, place: str) -> str | None:
+    """The skip reason when `text` holds a byte _Utf8Marker marked, naming the byte and `place`."""
+    at = text.find(_INVALID_MARK)
+    return None if at < 0 else f"invalid UTF-8 (byte 0x{text[at + 1:at + 3]} in {place})"
+
+
+def _invalid_utf8(value: Any, field: str = "") -> str | None:
+    """Why a parsed record is skipped when one of its strings or field names holds a marked byte, else None.
+    `field` is the path to `value` (`sections[0].title`), empty for the record itself."""
+    if isinstance(value, str):
+        return _marked(value, f"field '{field}'" if field else "the record")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{field}.{key}" if field else key
+            reason = _marked(key, f"a field name of '{field}'" if field else "a field name") \
+                or _invalid_utf8(item, name)
+            if reason:
+                return reason
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            reason = _invalid_utf8(item, f"{field}[{i}]")
+            if reason:
+                return reason
+    return None
+
+
+def _ijson_message(exc: Exception) -> str:
+    """The first line of an ijson error. yajl hands over its message as a bytes repr when the quoted
+    context cuts a character in two; that is decoded back to text."""
+    message = str(exc).strip()
+    if message[:2] in ("b'", 'b"'):
+        try:
+            message = ast.literal_eval(message).decode("utf-8", "replace").strip()
+        except (ValueError, SyntaxError):
+            pass
+    return message.splitlines()[0][:120] if message else type(exc).__name__
 
 
 def _iter_json_array(path: str, start: Position) -> Iterator[RawItem]:
+    """Items of a whole-file JSON array, streamed. An item holding bytes that are not UTF-8 comes back as
+    an error and reading goes on; malformed JSON ends the file with one error."""
     number = 0
     with open_binary(path) as f:
         reader = _CountingReader(f)
@@ -306,12 +383,13 @@ def _iter_json_array(path: str, start: Position) -> Iterator[RawItem]:
             except StopIteration:
                 break
             except (ijson.JSONError, UnicodeDecodeError, ValueError) as exc:
-                reason = f"malformed JSON array ({str(exc).strip().splitlines()[0][:120]}); rest of the file skipped"
+                reason = f"malformed JSON array ({_ijson_message(exc)}); rest of the file skipped"
                 yield RawItem(number + 1, None, reason, Position(number + 1, reader.count))
                 return
             number += 1
             if number > start.records:
-                yield RawItem(number, value, None, Position(number, reader.count))
+                invalid = _invalid_utf8(value) if reader.utf8.seen else None
+                yield RawItem(number, None if invalid else value, invalid, Position(number, reader.count))
         if reader.first not in (b"[", b""):
             yield RawItem(1, None, "not a JSON array (the file must be one [...] of records)",
                           Position(1, reader.count))

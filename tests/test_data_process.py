@@ -367,6 +367,31 @@ def test_truncated_json_array_and_compressed_file(tmp_path, tokenizer_dir, capsy
     assert [s["malformed"] for s in sources] == [1, 1]
 
 
+def test_invalid_utf8_in_json_array_skips_only_that_record(tmp_path, tokenizer_dir, capsys):
+    texts = ["第一篇百科文章讲的是长江。", "第三篇百科文章讲的是黄河。", "第四篇百科文章讲的是泰山。"]
+    items = [json.dumps({"completion": t}, ensure_ascii=False).encode() for t in texts]
+    items.insert(1, '{"completion": "第二篇坏'.encode() + b"\xff\xfe" + '文章"}'.encode())
+    array = tmp_path / "wiki.json"
+    array.write_bytes(b"[\n" + b",\n".join(items) + b"\n]\n")
+    records = list(iter_records(str(array), "json_array"))
+    assert [r.value for r in records] == [{"completion": texts[0]}, None, *({"completion": t} for t in texts[1:])]
+    assert records[1].where == f"{array}:item 2"
+    assert records[1].error == "invalid UTF-8 (byte 0xff in field 'completion')"
+    full = list(corpus_io.iter_raw(str(array), "json_array"))
+    assert full[-1].position.offset == array.stat().st_size   # the file's own bytes, not those ijson saw
+    for k in (0, 1):   # resuming on either side of the bad record
+        resumed = list(corpus_io.iter_raw(str(array), "json_array", full[k].position))
+        assert [tuple(r[:3]) for r in resumed] == [tuple(r[:3]) for r in full[k + 1:]]
+    out = tmp_path / "p.bin"
+    rc, err = dp([f"--corpus=wiki={array}", f"--out={out}", "--val-fraction=0", "--min-tokens=0"],
+                 tokenizer_dir, capsys)
+    assert rc == 0 and f"{array}:item 2: invalid UTF-8 (byte 0xff" in err
+    assert np.array_equal(read_bin(str(out)), encode_docs(sp_model(tokenizer_dir), texts))
+    source = json.loads((tmp_path / "p.json").read_text())["sources"][0]
+    assert (source["documents_read"], source["documents_kept"], source["malformed"]) == (4, 3, 1)
+    assert source["malformed_by_reason"] == {"invalid UTF-8": 1}
+
+
 @pytest.mark.parametrize("suffix,compress", [
     (".gz", gzip.compress), (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),
     (".bz2", bz2.compress), (".xz", lzma.compress)])
@@ -396,6 +421,15 @@ def test_clear_errors_one_line(tmp_path, tokenizer_dir, capsys):
         rc, err = dp(argv + [f"--out={tmp_path / 'o.bin'}"] if "--out" not in str(argv) else argv,
                      tokenizer_dir, capsys)
         assert rc == 1 and err.count("\n") == 1 and err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_list_corpora(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "data_process.py"), "--list-corpora"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""
+    names = set(proc.stdout.splitlines())   # each format's name on a line of its own, its description below
+    assert set(corpus_io.PRETRAIN_CORPORA) | set(corpus_io.GENERIC_CORPORA) <= names
+    assert not (tmp_path / "data").exists()   # it only describes, it processes nothing
 
 
 def test_cli_error_has_no_traceback(tmp_path, tokenizer_dir):
