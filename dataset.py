@@ -94,6 +94,12 @@ def manifest_tokenizer(manifest: dict, path: str) -> dict:
     return {"path": ident.get("path"), "sha256": ident["sha256"], "vocab_size": ident["vocab_size"]}
 
 
+def bin_tokenizer(bin_path: str) -> dict | None:
+    """The tokenizer identity the manifest beside `bin_path` records, or None when there is no manifest."""
+    manifest = read_manifest(bin_path)
+    return None if manifest is None else manifest_tokenizer(manifest, bin_path)
+
+
 def _open_tokens(path: str, manifest: dict | None) -> np.memmap | np.ndarray:
     """Memory-map a .bin as uint16 after checking its size against the format and the manifest."""
     if not os.path.isfile(path):

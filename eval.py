@@ -61,8 +61,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chatglm_tokenizer import DEFAULT_TOKENIZER, ChatGLMTokenizer, load_tokenizer
+from chatglm_tokenizer import DEFAULT_TOKENIZER, ChatGLMTokenizer, load_tokenizer, resolve_tokenizer_dir
 from corpus_io import SkipLog, file_layout, iter_records, write_atomic_text
+from data_process import manifest_path
+from dataset import bin_tokenizer
+from eval_pretrain import read_bin
 from inference import (InferenceError, add_model_args, add_prompt_args, add_sampling_args, autocast_for,
                        describe_model, load_for_inference, pick_device, prompt_budget, read_prompts, run_main,
                        sampling_kwargs, sft_prompt_ids, sft_turn, special_ids, stream_text)
@@ -598,10 +601,34 @@ def _iter_sft_csv(path: str) -> Iterator[tuple[str, str]]:
         yield where, "\n".join(t for t in texts if t)
 
 
-def _iter_bin(path: str, tokenizer) -> Iterator[tuple[str, str]]:
+def bin_tokenizer_folder(bin_path: str, tokenizer_path: str | None) -> str:
+    """The tokenizer folder to decode a .bin with: --tokenizer, else the one its manifest records, else
+    chatglm_tokenizer. Without a manifest nothing says which tokenizer made the .bin, so a note says so;
+    with one, read_bin refuses a --tokenizer that differs from it."""
+    recorded = bin_tokenizer(bin_path)
+    if recorded is None:
+        chosen = tokenizer_path or DEFAULT_TOKENIZER
+        print(f"note: {bin_path} has no tokenizer manifest ({manifest_path(bin_path)}); decoding it with "
+              f"{chosen}, unchecked (pass --tokenizer if it was made with another)", file=sys.stderr)
+        return resolve_tokenizer_dir(chosen)
+    if tokenizer_path:
+        return resolve_tokenizer_dir(tokenizer_path)
+    folder = resolve_tokenizer_dir(str(recorded.get("path")))
+    if not os.path.isfile(os.path.join(folder, "tokenizer.model")):
+        raise InferenceError(f"{bin_path} was made with tokenizer {recorded.get('path')} (sha256 "
+                             f"{str(recorded['sha256'])[:12]}…), which is not here: pass --tokenizer=ITS_FOLDER")
+    return folder
+
+
+def open_bin(path: str, tokenizer_path: str | None) -> tuple[np.ndarray, ChatGLMTokenizer]:
+    """(tokens, tokenizer) of a token .bin, the tokenizer being the one it was made with."""
+    folder = bin_tokenizer_folder(path, tokenizer_path)
+    return read_bin(path, folder), load_tokenizer(folder)
+
+
+def _iter_bin(path: str, tokens: np.ndarray, tokenizer: ChatGLMTokenizer) -> Iterator[tuple[str, str]]:
     """Documents of a token .bin (each ends at <eos>), decoded; read in blocks, so memory holds one block
     and one document."""
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
     eos = special_ids(tokenizer)[1]
     doc_start = 0
     for start in range(0, len(tokens), BIN_BLOCK_TOKENS):
@@ -613,22 +640,25 @@ def _iter_bin(path: str, tokenizer) -> Iterator[tuple[str, str]]:
         yield f"{path}:token {doc_start}", tokenizer.decode_ids(tokens[doc_start:].tolist())
 
 
+def _iter_record_texts(path: str, skiplog: SkipLog) -> Iterator[tuple[str, str]]:
+    layout = file_layout(path)
+    for record in iter_records(path, layout):
+        if record.error is None:
+            yield record.where, "\n".join(_strings(record.value))
+        else:
+            skiplog.skip(path, record.where, record.error)
+
+
 def iter_training_texts(path: str, tokenizer_path: str | None,
                         skiplog: SkipLog | None = None) -> Iterator[tuple[str, str]]:
     """(where, text) of a training file: sft_data .csv, .jsonl, .json (array or JSON Lines), .txt, or a token .bin.
-    Unreadable records are counted in skiplog (and the first few printed)."""
+    Unreadable records are counted in skiplog (and the first few printed). A .bin's tokenizer is settled (and
+    a mismatch refused) on this call, before any text is read."""
     if path.endswith(".csv"):
-        yield from _iter_sft_csv(path)
-    elif path.endswith(".bin"):
-        yield from _iter_bin(path, load_tokenizer(tokenizer_path or DEFAULT_TOKENIZER))
-    else:
-        layout = file_layout(path)
-        skiplog = skiplog or SkipLog()
-        for record in iter_records(path, layout):
-            if record.error is None:
-                yield record.where, "\n".join(_strings(record.value))
-            else:
-                skiplog.skip(path, record.where, record.error)
+        return _iter_sft_csv(path)
+    if path.endswith(".bin"):
+        return _iter_bin(path, *open_bin(path, tokenizer_path))
+    return _iter_record_texts(path, skiplog or SkipLog())
 
 
 @dataclass
@@ -696,8 +726,9 @@ def run_decontam(bench: Benchmark, against: list[str], tokenizer_path: str | Non
         if not os.path.isfile(path):
             raise InferenceError(f"--against {path}: no such file")
     skiplog = SkipLog()
-    texts = (pair for path in against for pair in tqdm(iter_training_texts(path, tokenizer_path, skiplog),
-                                                       desc=os.path.basename(path), unit=" docs", leave=False))
+    sources = [(path, iter_training_texts(path, tokenizer_path, skiplog)) for path in against]  # all checked first
+    texts = (pair for path, source in sources
+             for pair in tqdm(source, desc=os.path.basename(path), unit=" docs", leave=False))
     report, too_short, scanned = find_contamination(bench.questions, texts)
     for path in against:
         if skiplog.total(path):

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from chatglm_tokenizer import ChatGLMTokenizer, check_same_tokenizer, tokenizer_identity
 from corpus_io import SkipLog, field_text, file_layout, iter_records, write_atomic_text
+from dataset import bin_tokenizer
 from inference import (InferenceError, add_model_args, add_prompt_args, add_sampling_args, autocast_for,
                        describe_model, document_prompt_ids, load_for_inference, pick_device, read_prompts,
                        run_main, sampling_kwargs, special_ids, stream_text)
@@ -77,14 +78,10 @@ class PerplexityReport:
 def read_bin(path: str, tokenizer_folder: str) -> np.ndarray:
     """Tokens of a data_process.py .bin (uint16, documents + <eos>); refuses one whose manifest (the .json
     beside it) names another tokenizer."""
-    manifest_path = os.path.splitext(path)[0] + ".json"
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        recorded = manifest.get("tokenizer") if isinstance(manifest, dict) else None
-        if isinstance(recorded, dict) and recorded.get("sha256"):
-            check_same_tokenizer(recorded, tokenizer_identity(tokenizer_folder), f"data {path}",
-                                 f"tokenizer folder {tokenizer_folder}")
+    recorded = bin_tokenizer(path)
+    if recorded is not None:
+        check_same_tokenizer(recorded, tokenizer_identity(tokenizer_folder), f"data {path}",
+                             f"tokenizer folder {tokenizer_folder}")
     if os.path.getsize(path) % 2:
         raise InferenceError(f"{path}: {os.path.getsize(path)} bytes is not a whole number of uint16 tokens")
     return np.memmap(path, dtype=np.uint16, mode="r")

@@ -28,8 +28,10 @@ import torch
 from chatglm_tokenizer import (DEFAULT_TOKENIZER, ChatGLMTokenizer, TokenizerError, check_same_tokenizer,
                                load_tokenizer, resolve_tokenizer_dir, tokenizer_identity)
 from corpus_io import CorpusError
+from dataset import DataError
 from dataset_sft import Turn, layout_sample
 from model import CheckpointError, Transformer, load_model
+from trainer import native_bf16
 
 REPLACEMENT_CHAR = "\ufffd"   # what SentencePiece decodes an incomplete UTF-8 byte sequence to
 
@@ -39,7 +41,7 @@ class InferenceError(ValueError):
 
 
 # errors a script's main turns into one `error: ...` line on stderr
-USER_ERRORS = (CheckpointError, TokenizerError, InferenceError, CorpusError, OSError, ValueError)
+USER_ERRORS = (CheckpointError, TokenizerError, InferenceError, CorpusError, DataError, OSError, ValueError)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -77,7 +79,7 @@ def pick_device(name: str) -> str:
 def autocast_for(device: str, dtype: str) -> contextlib.AbstractContextManager:
     """Autocast context for forward passes: weights stay fp32, matmuls run in the chosen dtype."""
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if device.startswith("cuda") and native_bf16(torch.device(device)) else "float32"
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))

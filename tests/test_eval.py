@@ -14,11 +14,13 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
 from conftest import REPO
 
+import data_process
 import eval as ev
 import eval_pretrain as ep
 from chatglm_tokenizer import TokenizerError, tokenizer_identity
@@ -286,10 +288,47 @@ def test_decontam_reads_token_bin_and_cli_reports(tmp_path, tokenizer_dir, token
     out = tmp_path / "contam.json"
     assert ev.main(["--decontam", f"--bench=ceval:{SAMPLE}", f"--against={data}", f"--tokenizer={tokenizer_dir}",
                     f"--out={out}"]) == 0
-    assert "total: 1 of 20 contaminated" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "total: 1 of 20 contaminated" in printed.out and f"note: {data} has no tokenizer manifest" in printed.err
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["scanned"] == 2 and [i["where"] for i in report["items"]] == [questions[13].where]
     assert report["items"][0]["first_seen"] == f"{data}:token {len(tokenizer.encode(docs[0])) + 1}"
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_bin(tmp_path_factory) -> tuple[str, str]:
+    """(tokenizer folder, .bin) of a small SentencePiece tokenizer, not ChatGLM2's, and data_process.py's
+    output with it (+ manifest): two documents, the second quoting ceval sample question 13 verbatim."""
+    folder = tmp_path_factory.mktemp("other_tokenizer")
+    questions = ev.load_benchmark(f"ceval:{SAMPLE}").questions
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([q.question for q in questions]),
+                                   model_prefix=str(folder / "tokenizer"), vocab_size=600, byte_fallback=True,
+                                   hard_vocab_limit=False, minloglevel=2)
+    corpus = folder / "corpus.jsonl"
+    docs = ["与题目无关的一段文字，用来凑够长度。", "复习：" + questions[13].question + "？答案见课本。"]
+    corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
+                      encoding="utf-8")
+    data = folder / "train.bin"
+    assert data_process.main([f"--corpus=medical={corpus}", f"--out={data}", "--val-fraction=0", "--workers=1",
+                              f"--tokenizer={folder}"]) == 0
+    return str(folder), str(data)
+
+
+def test_decontam_decodes_bin_with_the_tokenizer_its_manifest_records(other_tokenizer_bin, capsys):
+    folder, data = other_tokenizer_bin
+    assert json.loads(open(data[:-4] + ".json", encoding="utf-8").read())["tokenizer"]["path"] == folder
+    assert ev.main(["--decontam", f"--bench=ceval:{SAMPLE}", f"--against={data}"]) == 0   # no --tokenizer
+    printed = capsys.readouterr()
+    assert "total: 1 of 20 contaminated" in printed.out and "note:" not in printed.err
+
+
+def test_decontam_refuses_a_tokenizer_other_than_the_bins(other_tokenizer_bin, tokenizer_dir, capsys):
+    folder, data = other_tokenizer_bin
+    argv = ["--decontam", f"--bench=ceval:{SAMPLE}", f"--against={data}", f"--tokenizer={tokenizer_dir}"]
+    assert run_main(ev.main, argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: tokenizer mismatch: data {data} was made with {folder}")
+    assert f"tokenizer folder {tokenizer_dir} uses {tokenizer_dir}" in err
 
 
 # ---------------------------------------------------------------- perplexity and bits per byte
