@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node=4 pretrain.py --preset=92m
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         pretrain.py --preset=218m --fsdp
-    python pretrain.py --preset=92m --resume                     # continue out/pretrain after a stop or crash
+    python pretrain.py --resume                                  # continue out/pretrain after a stop or crash
     python pretrain.py --data="data/part_*.bin" --val_data=data/pretrain_val.bin --batch_tokens=131072
     python pretrain.py --help                                    # every flag, with its meaning
 
@@ -22,7 +22,7 @@ import sys
 from chatglm_tokenizer import tokenizer_identity
 from data_process import default_val_path
 from dataset import DataError, PretrainDataset, data_tokenizer, resolve_bin_paths
-from trainer import TrainConfig, parse_config, resolve_model_args, run_cli, setup_distributed, train
+from trainer import TrainConfig, configure, resolve_model_args, run_cli, train
 
 DEFAULTS = TrainConfig(data="data/pretrain_data.bin", out_dir="out/pretrain", preset="92m", lr=3e-4, min_lr=3e-5,
                        micro_batch_size=16, grad_accum_steps=2, epochs=1.0)
@@ -49,8 +49,7 @@ def check_held_out(cfg: TrainConfig, train_paths: list[str], validation: list[st
 
 
 def main(argv: list[str]) -> dict:
-    cfg = parse_config(argv, DEFAULTS)
-    ctx = setup_distributed()
+    cfg, ctx = configure(argv, DEFAULTS)
     expected = tokenizer_identity(cfg.tokenizer) if cfg.tokenizer else None
     train_paths = resolve_bin_paths(cfg.data)
     tokenizer = data_tokenizer(train_paths, expected, log=False)

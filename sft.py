@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_identity
 from dataset_sft import DEFAULT_BUCKET_BATCHES, SFTDataError, SFTDataset, build_sft_datasets
-from trainer import (ConfigError, TrainConfig, parse_config, recorded_tokenizer, resolve_model_args, run_cli,
-                     setup_distributed, train)
+from trainer import ConfigError, TrainConfig, configure, recorded_tokenizer, resolve_model_args, run_cli, train
 
 
 @dataclass
@@ -68,14 +67,13 @@ def build_datasets(cfg: SFTConfig, tokenizer, max_seq_len: int, rank: int,
 
 
 def main(argv: list[str]) -> dict:
-    cfg = parse_config(argv, DEFAULTS)
+    cfg, ctx = configure(argv, DEFAULTS)
     if not (cfg.init_from or cfg.resume):
         raise ConfigError("sft.py fine-tunes pretrained weights: pass --init_from=out/pretrain/ckpt.pt (or a "
                           "seed .pth / HF folder), or --resume to continue the run in --out_dir")
     if cfg.bucket_batches < 1 or not 0.0 <= cfg.val_fraction < 1.0:
         raise ConfigError(f"--bucket_batches={cfg.bucket_batches} --val_fraction={cfg.val_fraction}: need "
                           f"bucket_batches >= 1 and 0 <= val_fraction < 1")
-    ctx = setup_distributed()
     recorded = None if cfg.tokenizer else recorded_tokenizer(cfg, ctx)
     tokenizer_path = cfg.tokenizer or (recorded or {}).get("path") or DEFAULT_TOKENIZER
     tokenizer = load_tokenizer(tokenizer_path)

@@ -6,9 +6,9 @@
         pretrain.py --preset=218m --fsdp                                   # FSDP2 over 16 GPUs
     python pretrain.py --help                                              # every TrainConfig field
 
-    from trainer import TrainConfig, parse_config, setup_distributed, resolve_model_args, train, run_cli
-    cfg = parse_config(sys.argv[1:], TrainConfig(out_dir="out/sft", lr=2e-5))
-    ctx = setup_distributed()                  # rank, world_size, device; works with and without torchrun
+    from trainer import TrainConfig, configure, resolve_model_args, train, run_cli
+    cfg, ctx = configure(sys.argv[1:], TrainConfig(out_dir="out/sft", lr=2e-5))   # flags over the defaults
+    # (over the checkpoint's saved config with --resume); ctx: rank, world_size, device, with or without torchrun
     model_args = resolve_model_args(cfg, ctx, tokenizer_identity)
     summary = train(cfg, ctx, model_args, train_ds, val_ds, tokenizer_identity)
 
@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +55,8 @@ from model import (PRESETS, CheckpointError, ModelArgs, Transformer, load_model,
 CKPT_LATEST, CKPT_BEST = "ckpt.pt", "best.pt"
 _STEP_CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 _RESUME_KEYS = ("model", "optimizer", "step", "model_args", "config", "tokenizer", "data_state", "rng")
+# how a run was started, not how it trains: a resumed run never takes these from its checkpoint's config
+_START_FLAGS = ("resume", "init_from", "overwrite")
 
 
 class ConfigError(ValueError):
@@ -110,7 +112,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
     dtype: str = "auto"
-    """auto | bf16 | fp16 | fp32. auto = bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU.
+    """auto | bf16 | fp16 | fp32. auto = bf16 on GPUs with native bf16 (Ampere or newer), else fp16 with a
+    GradScaler; fp32 on CPU.
     Master weights, optimizer state and checkpoints are always fp32."""
     compile: str = "auto"
     """auto | true | false: torch.compile the model. auto = on with CUDA, off on CPU."""
@@ -129,7 +132,8 @@ class TrainConfig:
     seed: int = 1337
     """Seed of the initial weights, the data order and dropout."""
     resume: bool = False
-    """Continue the run in out_dir from its newest readable checkpoint (weights, optimizer, data position, RNG)."""
+    """Continue the run in out_dir from its newest readable checkpoint (weights, optimizer, data position, RNG)
+    with the settings it saved; flags given with --resume override them."""
     init_from: str = ""
     """Start from these weights (a checkpoint, a seed-style .pth or an exported HF folder), fresh optimizer."""
     overwrite: bool = False
@@ -217,19 +221,24 @@ def _split_flags(argv: list[str]) -> Iterator[tuple[str, str]]:
         i += 1
 
 
+def _given_flags(argv: list[str], cls: type) -> dict[str, Any]:
+    """The flags argv gives, as values of the types of dataclass `cls`'s fields."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    given: dict[str, Any] = {}
+    for key, value in _split_flags(argv):
+        if key not in kinds:
+            raise ConfigError(f"unknown flag --{key} (--help lists them)")
+        given[key] = _parse_value(key, kinds[key], value)
+    return given
+
+
 def parse_config(argv: list[str], defaults: TrainConfig) -> TrainConfig:
     """`defaults` with `--key=value` overrides applied (any dataclass works, e.g. a TrainConfig subclass).
     Values are checked against the field types; `--flag` alone means true. --help prints every field."""
     if any(a in ("-h", "--help") for a in argv):
         print(config_help(type(defaults), defaults))
         raise SystemExit(0)
-    kinds = {f.name: f.type for f in fields(defaults)}
-    overrides: dict[str, Any] = {}
-    for key, value in _split_flags(argv):
-        if key not in kinds:
-            raise ConfigError(f"unknown flag --{key} (--help lists them)")
-        overrides[key] = _parse_value(key, kinds[key], value)
-    return dataclasses.replace(defaults, **overrides)
+    return dataclasses.replace(defaults, **_given_flags(argv, type(defaults)))
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -329,6 +338,24 @@ def _on_rank0(ctx: DistContext, fn: Callable[[], Any]) -> Any:
     return result
 
 
+ConfigT = TypeVar("ConfigT", bound=TrainConfig)
+
+
+def configure(argv: list[str], defaults: ConfigT) -> tuple[ConfigT, DistContext]:
+    """A stage's config and where it runs. The flags are checked (and --help answered) before the process group
+    is joined. With --resume the run keeps the settings its checkpoint saved (rank 0 reads them and shares them)
+    and only the flags given change them, so a bare `--resume` continues the run as it was started, not with the
+    stage's defaults. out_dir, which finds the checkpoint, is the command line's (or the default)."""
+    cfg = parse_config(argv, defaults)
+    ctx = setup_distributed()
+    if not cfg.resume:
+        return cfg, ctx
+    saved = _on_rank0(ctx, lambda: find_checkpoint(cfg.out_dir, report=False)[0]["config"])
+    names = {f.name for f in fields(cfg)} - {"out_dir", *_START_FLAGS}   # other keys: fields this version lacks
+    carried = {k: v for k, v in saved.items() if k in names}
+    return dataclasses.replace(cfg, **(carried | _given_flags(argv, type(defaults)))), ctx
+
+
 def _all_reduce(ctx: DistContext, tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
     if ctx.distributed:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
@@ -351,16 +378,23 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 itself (Ampere, compute capability 8.0, or newer; ROCm). A bare
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4, RTX 20xx): slow, and
+    without some kernels. torch < 2.4 lacks its including_emulation keyword: the capability is read instead."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_precision(dtype: str, device: torch.device) -> Precision:
-    """dtype auto -> bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on CPU."""
+    """dtype auto -> bf16 where the GPU computes in it natively, else fp16 (with a GradScaler); fp32 on CPU."""
     if dtype == "auto":
-        if device.type != "cuda":
-            dtype = "fp32"
-        else:
-            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--dtype=bf16: {torch.cuda.get_device_name(device)} does not support bf16; "
-                          f"use --dtype=fp16 (with a GradScaler) or --dtype=auto")
+        dtype = ("bf16" if native_bf16(device) else "fp16") if device.type == "cuda" else "fp32"
+    elif dtype == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise ConfigError(f"--dtype=bf16: {torch.cuda.get_device_name(device)} has no native bf16 (only a slow "
+                          f"emulation); use --dtype=fp16 (with a GradScaler) or --dtype=auto")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
     return Precision(dtype, autocast_dtype)
 
@@ -959,7 +993,7 @@ def _restore(run: Run, meta: dict, optimizer_state: dict) -> None:
         torch.manual_seed(run.cfg.seed + run.ctx.rank + run.step)
     if run.ctx.is_master:
         changed = {k: (v, getattr(run.cfg, k)) for k, v in meta["config"].items()
-                   if hasattr(run.cfg, k) and getattr(run.cfg, k) != v and k != "resume"}
+                   if hasattr(run.cfg, k) and getattr(run.cfg, k) != v and k not in _START_FLAGS}
         print(f"resuming {meta['path']} at step {run.step:,} ({run.tokens_seen:,} tokens)"
               + "".join(f"; {k}: {old} -> {new}" for k, (old, new) in changed.items()))
 

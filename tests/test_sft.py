@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +121,21 @@ def test_resume_equals_uninterrupted(sample_csv, small_tokenizer, init_weights, 
     for name, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg"], b["optimizer"]["state"][name]["exp_avg"]), name
     assert a["data_state"] == b["data_state"] and a["data_state"]["batch"] + a["data_state"]["epoch"] > 0
+
+
+def test_bare_resume_continues_with_the_settings_the_run_was_started_with(reference, tmp_path, capsys):
+    """`python sft.py --resume` (as the docstring shows) keeps the run's data, tokenizer, split and batch, not
+    sft.DEFAULTS; the --init_from it started from is not carried over (it excludes --resume)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    started = load(out / "ckpt.pt")["config"]
+    capsys.readouterr()
+    sft.main(["--resume", f"--out_dir={out}", "--max_iters=17"])
+    ckpt = load(out / "ckpt.pt")
+    assert ckpt["step"] == 17
+    assert ckpt["config"] == dict(started, out_dir=str(out), max_iters=17, resume=True, init_from="")
+    resuming = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("resuming "))
+    assert resuming.endswith(f"; out_dir: {reference[0]} -> {out}; max_iters: 16 -> 17"), resuming
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(sample_csv, small_tokenizer, init_weights,

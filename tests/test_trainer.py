@@ -106,6 +106,44 @@ def test_precision_and_mfu_on_cpu():
     assert trainer.peak_flops(cpu, trainer.choose_precision("bf16", cpu)) is None
 
 
+PRE_AMPERE, AMPERE = ("Tesla V100-SXM2-32GB", (7, 0)), ("NVIDIA A100-SXM4-80GB", (8, 0))
+
+
+def fake_gpu(monkeypatch, gpu: tuple[str, tuple[int, int]], has_emulation_keyword: bool = True) -> torch.device:
+    """Pretend cuda:0 is `gpu` (name, compute capability) to torch's bf16 queries. Every CUDA GPU of the last
+    years emulates bf16, so the bare is_bf16_supported() says yes on all of them, as torch's own does."""
+    name, capability = gpu
+    if has_emulation_keyword:
+        def is_bf16_supported(including_emulation: bool = True) -> bool:
+            return including_emulation or capability >= (8, 0)
+    else:   # torch < 2.4
+        def is_bf16_supported() -> bool:
+            return True
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("has_emulation_keyword", [True, False])
+def test_auto_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, has_emulation_keyword):
+    """A V100 or T4 only emulates bf16 (slowly): dtype auto must pick fp16 with a GradScaler there."""
+    ampere = trainer.choose_precision("auto", fake_gpu(monkeypatch, AMPERE, has_emulation_keyword))
+    assert (ampere.name, ampere.autocast_dtype, ampere.use_scaler) == ("bf16", torch.bfloat16, False)
+    volta = trainer.choose_precision("auto", fake_gpu(monkeypatch, PRE_AMPERE, has_emulation_keyword))
+    assert (volta.name, volta.autocast_dtype, volta.use_scaler) == ("fp16", torch.float16, True)
+
+
+def test_bf16_asked_for_on_a_gpu_without_native_bf16_is_a_config_error(monkeypatch):
+    gpu = fake_gpu(monkeypatch, PRE_AMPERE)
+    with pytest.raises(ConfigError) as err:
+        trainer.choose_precision("bf16", gpu)
+    message = str(err.value)
+    assert message.startswith("--dtype=bf16: Tesla V100") and "--dtype=fp16" in message and "\n" not in message
+    assert trainer.choose_precision("bf16", fake_gpu(monkeypatch, AMPERE)).name == "bf16"
+
+
 # ------------------------------------------------------------------------------ runs and resuming
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -152,6 +190,36 @@ def test_resume_equals_uninterrupted(data, tmp_path, reference):
     for name, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][name]["exp_avg_sq"]), name
     assert a["data_state"] == b["data_state"] and a["tokens_seen"] == b["tokens_seen"]
+
+
+def resuming_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("resuming "))
+
+
+def test_bare_resume_keeps_the_run_settings_and_given_flags_override_them(tmp_path, reference, capsys):
+    """`pretrain.py --resume` alone continues the run with the settings it was started with (micro batch 2, lr
+    3e-3, tiny at seq 16, its data), not pretrain.DEFAULTS; a flag given with --resume overrides its setting."""
+    out = tmp_path / "moved"   # out_dir comes from the command line, not the checkpoint
+    shutil.copytree(reference[0], out)
+    newest = out / "ckpt_0000008.pt"   # what --resume picks; saved keys that are no field are ignored
+    ckpt = load(newest)
+    started = dict(ckpt["config"])
+    ckpt["config"] |= {"init_from": "weights.pt", "overwrite": True, "field_of_another_version": 1}
+    torch.save(ckpt, newest)
+    capsys.readouterr()
+    summary = pretrain.main(["--resume", f"--out_dir={out}", "--max_iters=10"])
+    assert summary["tokens_seen"] == 10 * 2 * 2 * 16   # micro batch 2 x accum 2 x seq 16 (defaults: 16 x 2 x 16)
+    saved = load(out / "ckpt.pt")["config"]
+    assert saved == dict(started, out_dir=str(out), max_iters=10, resume=True)
+    line = resuming_line(capsys.readouterr().out)
+    assert line.endswith(f"; out_dir: {reference[0]} -> {out}; max_iters: 8 -> 10"), line
+    pretrain.main(["--resume", f"--out_dir={out}", "--max_iters=11", "--lr=1e-3", "--min_lr=1e-4"])
+    saved = load(out / "ckpt.pt")["config"]
+    assert (saved["lr"], saved["min_lr"], saved["micro_batch_size"], saved["lr_decay_iters"]) == (1e-3, 1e-4, 2, 8)
+    line = resuming_line(capsys.readouterr().out)
+    assert line.endswith("max_iters: 10 -> 11; lr: 0.003 -> 0.001; min_lr: 0.0003 -> 0.0001"), line
+    lrs = {r["step"]: r["lr"] for r in trainer.read_metrics(str(out / "metrics.jsonl")) if "lr" in r}
+    assert lrs[11] == pytest.approx(1e-4)   # the saved schedule (decay to min_lr at step 8), the new min_lr
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(data, tmp_path, reference, capsys):
