@@ -5,10 +5,13 @@ non-finite steps, user errors. Runs pretrain.main in-process on synthetic data (
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import math
 import os
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -387,7 +390,6 @@ def test_tokens_per_second_counts_real_tokens_not_padding():
 def test_steps_without_targets_are_skipped_but_never_stop_the_run():
     """A step whose batches hold no target token (possible in SFT) is skipped and counted, but it is not a
     numerical failure: only non-finite steps count towards --max_bad_steps."""
-    import types
     run = types.SimpleNamespace(bad_in_a_row=0, skipped_steps=0, step=5, cfg=TrainConfig(max_bad_steps=2))
     for _ in range(5):
         trainer._after_step(run, trainer.StepResult(math.nan, math.nan, 0, skipped=True, no_targets=True))
@@ -405,3 +407,52 @@ def test_resume_of_a_finished_run_says_so(data, tmp_path, reference, capsys):
     assert "already finished at step 8" in capsys.readouterr().err
     assert pretrain.cli(flags(data, out, max_iters=9) + ["--resume"]) == 0
     assert load(out / "ckpt.pt")["step"] == 9
+
+
+def fake_module(name: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)   # found by importlib.util.find_spec
+    module.__dict__.update(attrs)
+    return module
+
+
+def test_tensorboard_and_wandb_get_every_logged_number(data, tmp_path, monkeypatch):
+    """Neither package is installed here: stand-ins record what the trainer hands them."""
+    calls: list[tuple] = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            calls.append(("tb_dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            calls.append(("tb", key, value, step))
+
+        def close(self):
+            calls.append(("tb_close",))
+
+    class WandbRun:
+        def log(self, numbers, step):
+            calls.append(("wandb", dict(numbers), step))
+
+        def finish(self):
+            calls.append(("wandb_finish",))
+
+    def init(project, name, config):
+        calls.append(("wandb_init", project, name, config["max_iters"]))
+        return WandbRun()
+    monkeypatch.setitem(sys.modules, "tensorboard", fake_module("tensorboard"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        fake_module("torch.utils.tensorboard", SummaryWriter=SummaryWriter))
+    monkeypatch.setitem(sys.modules, "wandb", fake_module("wandb", init=init))
+    out = tmp_path / "out"
+    pretrain.main(flags(data, out, max_iters=4) + ["--tensorboard", "--wandb_project=mcg", "--wandb_run_name=r1"])
+    rows = trainer.read_metrics(str(out / "metrics.jsonl"))
+    assert calls[0] == ("tb_dir", str(out / "tensorboard")) and calls[1] == ("wandb_init", "mcg", "r1", 4)
+    assert calls[-2:] == [("tb_close",), ("wandb_finish",)]
+    scalars = {(key, step): value for _, key, value, step in (c for c in calls if c[0] == "tb")}
+    logged = [(c[1], c[2]) for c in calls if c[0] == "wandb"]
+    assert len(logged) == len(rows) and [step for _, step in logged] == [r["step"] for r in rows]
+    for row, (numbers, _) in zip(rows, logged):
+        expected = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        assert numbers == expected and all(scalars[(k, row["step"])] == v for k, v in expected.items())
+    assert {"loss", "lr", "tokens_per_s", "val_loss"} <= {key for key, _ in scalars}
