@@ -9,7 +9,8 @@ plain state dicts, exported Hugging Face folders).
 
     from model import Transformer, model_args_from_preset, load_model
     model = Transformer(model_args_from_preset("tiny"))
-    logits, loss = model(tokens, targets)           # tokens, targets: [B, T] int64, -100 = ignore
+    logits, _ = model(tokens)                       # logits [B, T, vocab_size]
+    _, loss = model(tokens, targets)                # targets: [B, T] int64, -100 = ignore; no logits made
     model, meta = load_model("out/sft/ckpt.pt")     # or a seed .pth, or an exported HF folder
     new_ids = model.generate(prompt_ids[None], max_new_tokens=100, temperature=0.7, top_p=0.9)
 
@@ -34,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fused_ce import linear_cross_entropy
 
 
 @dataclass
@@ -124,10 +127,13 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, head_dim] by the angles of cos/sin [T, head_dim/2]."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, head_dim] by the angles of cos/sin: [T, head_dim/2]
+    (every row at the same positions) or [B, T, head_dim/2] (positions per row, e.g. restarting in packed rows)."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)             # [B, T, H, head_dim/2, 2]
     x0, x1 = pairs.unbind(-1)                                   # each [B, T, H, head_dim/2]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]     # [1, T, 1, head_dim/2]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]                         # [1, T, head_dim/2]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]           # [B or 1, T, 1, head_dim/2]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, T, H, head_dim/2, 2]
     return rotated.flatten(-2).type_as(x)                       # [B, T, H, head_dim]
 
@@ -172,7 +178,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask [B, 1, T, T] bool (True = attend) replaces the plain causal mask (packed rows, --doc_mask)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)       # [B, T, H, hd]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)    # [B, T, KV, hd]
@@ -186,8 +193,9 @@ class Attention(nn.Module):
             n_rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(n_rep, dim=1)                     # [B, H, S, hd]
             v = v.repeat_interleave(n_rep, dim=1)                     # [B, H, S, hd]
+        masking = {"attn_mask": mask} if mask is not None else self._mask_kwargs(T, start_pos, x.device)
         with sdpa_kernel(DECODE_BACKENDS) if cache is not None else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q, k, v, **self._mask_kwargs(T, start_pos, x.device),
+            out = F.scaled_dot_product_attention(q, k, v, **masking,
                                                  dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * hd]
         return self.resid_dropout(self.wo(out))
@@ -228,9 +236,24 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+                cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions [B, T] restarting at 0 wherever segment_ids [B, T] changes, and the block-diagonal
+    causal mask [B, 1, T, T] (True = attend: same segment, not in the future). A segment must be one contiguous
+    run of positions. On CPU SDPA takes this boolean mask; on CUDA it runs the memory-efficient kernel with it
+    (FlexAttention's block mask or flash-attention's varlen kernel would skip the masked blocks: see README)."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)                 # [B, T]
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]                      # a segment begins here
+    first = torch.where(starts, index, 0).cummax(dim=1).values                      # [B, T] its first index
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]                      # [B, T, T]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()  # [T, T]
+    return index - first, (same & causal)[:, None]                                 # [B, T], [B, 1, T, T]
 
 
 class Transformer(nn.Module):
@@ -259,29 +282,38 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits [B, T, vocab_size] and, given targets [B, T] (-100 = ignore), the cross-entropy loss:
-        reduction "mean" averages over non-ignored targets, "sum" adds them (the caller divides by a count)."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Without targets: (logits [B, T, vocab_size], None). With targets [B, T] (-100 = ignore): (None, the
+        cross-entropy loss), computed by fused_ce from the hidden states without materialising the logits;
+        reduction "mean" averages over non-ignored targets, "sum" adds them (the caller divides by a count).
+        segment_ids [B, T] (optional): positions with different ids never attend to each other and rotary
+        positions restart at 0 where an id begins, so several samples packed in one row (dataset_sft.py) or
+        documents of one window (--doc_mask) are computed exactly as if each were alone."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        logits = self.output(self._hidden(tokens))                     # [B, T, vocab_size]
+        hidden = self._hidden(tokens, segment_ids=segment_ids)             # [B, T, dim]
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)),        # [B * T, vocab_size]
-                               targets.reshape(-1), ignore_index=-100, reduction=reduction)
-        return logits, loss
+            return self.output(hidden), None
+        return None, linear_cross_entropy(hidden, self.output.weight, targets, reduction)
 
-    def _hidden(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Final normed hidden states [B, T, dim] for tokens [B, T] placed at positions start_pos.. ."""
+    def _hidden(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, dim] for tokens [B, T] placed at positions start_pos.. (or, with
+        segment_ids, at positions counted from the start of each segment)."""
         T = tokens.shape[1]
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than max_seq_len={self.args.max_seq_len}")
-        cos = self.rope_cos[start_pos:start_pos + T]                    # [T, head_dim/2]
-        sin = self.rope_sin[start_pos:start_pos + T]
+        mask = None
+        if segment_ids is not None:
+            positions, mask = segment_positions_and_mask(segment_ids)      # [B, T], [B, 1, T, T]
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, head_dim/2]
+        else:
+            cos = self.rope_cos[start_pos:start_pos + T]                    # [T, head_dim/2]
+            sin = self.rope_sin[start_pos:start_pos + T]
         x = self.dropout(self.tok_embeddings(tokens))                   # [B, T, dim]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if caches is not None else None, start_pos)
+            x = layer(x, cos, sin, caches[i] if caches is not None else None, start_pos, mask)
         return self.norm(x)
 
     def forward_cached(self, tokens: torch.Tensor, caches: list[KVCache], start_pos: int) -> torch.Tensor:

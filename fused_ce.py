@@ -1,0 +1,118 @@
+"""Cross-entropy of the output layer without the full logits: linear + log-softmax + NLL fused, chunk by chunk.
+
+    from fused_ce import linear_cross_entropy
+    loss = linear_cross_entropy(hidden, weight, targets, reduction="sum")   # hidden [N, dim], weight [vocab, dim]
+
+equals `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100, reduction=...)` (tests/
+test_fused_loss.py holds it to fp32 tolerance, gradients included), but holds at most one chunk of
+`chunk_rows x vocab` fp32 logits at a time instead of `N x vocab` (for 16 x 512 positions and 64,794 words:
+about 130 MB instead of 2.1 GB of logits, and as much again for their softmax and gradient).
+
+How. For each chunk of positions: logits = h @ W^T, their log-sum-exp and the target's logit give the loss;
+softmax - onehot is the gradient of the logits, which is turned at once into the chunk's share of dL/dh
+(g @ W) and of dL/dW (g^T @ h) and dropped. The loss is differentiated right after the forward pass in
+training, so the gradients are computed in the forward pass (as Liger-Kernel's fused linear cross-entropy
+does) rather than recomputing the logits in backward: the output layer, 53-82% of a step's FLOPs at this
+project's sizes, then costs three matmuls, as unfused, not four. backward() only scales the stored gradients
+by the incoming scalar. Without grad mode (validation) only the loss is computed.
+
+Positions whose target is ignored (-100: SFT prompts, padding) are dropped before the matmul on CPU, where
+selecting them is free; on CUDA they are masked instead, because selecting rows needs the count on the host
+(a sync per micro batch) and blocks torch.compile.
+
+Liger-Kernel's Triton kernel is used instead on CUDA when the package is installed (`pip install liger-kernel`,
+an optional extra); MCG_FUSED_CE=portable forces this file's code everywhere. The portable code is the
+reference the tests check.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = 2 ** 25   # fp32 logits per chunk: 128 MiB, ~518 positions of a 64,794-word vocabulary
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The matmul dtype autocast would use here (bf16/fp16 under autocast), else the weight's own."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed token cross-entropy of hidden [N, dim] @ weight [vocab, dim]^T against targets [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                compute_dtype: torch.dtype, with_grad: bool) -> torch.Tensor:
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        w = weight.to(compute_dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if with_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows].to(compute_dtype)          # [c, dim]
+            t = targets[start:start + chunk_rows]                           # [c]
+            logits = (h @ w.T).float()                                      # [c, vocab]
+            lse = torch.logsumexp(logits, dim=-1)                           # [c]
+            valid = t != IGNORE_INDEX
+            safe_t = torch.where(valid, t, 0)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)     # [c]
+            loss += torch.where(valid, lse - target_logit, 0.0).sum()
+            if with_grad:
+                grad = logits.sub_(lse[:, None]).exp_()                     # softmax, in place: [c, vocab]
+                grad.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
+                grad.mul_(valid[:, None])
+                grad_hidden[start:start + chunk_rows] = (grad.to(compute_dtype) @ w).to(hidden.dtype)
+                if compute_dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)                           # [vocab, dim]
+                else:
+                    grad_weight += (grad.T.to(compute_dtype) @ h).float()
+        if with_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
+            None, None, None
+
+
+def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Liger-Kernel's fused linear cross-entropy (summed), or None when it is not installed or not wanted."""
+    if hidden.device.type != "cuda" or os.environ.get("MCG_FUSED_CE", "auto") == "portable":
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    dtype = _compute_dtype(hidden.device, weight.dtype)
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
+        weight.to(dtype), hidden.to(dtype), targets)                      # (lin_weight, input, target)
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits hidden [..., dim] @ weight [vocab, dim]^T against targets [...] (-100 =
+    ignored), fp32, without materialising the logits. reduction "sum" adds the token losses, "mean" divides
+    by the number of counted targets (nan when there is none, as F.cross_entropy)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])                           # [N, dim]
+    targets = targets.reshape(-1)                                           # [N]
+    loss = _liger_loss(hidden, weight, targets)
+    if loss is None:
+        if hidden.device.type == "cpu":   # drop ignored positions before the matmul (see the module docstring)
+            keep = targets != IGNORE_INDEX
+            hidden, targets = hidden[keep], targets[keep]
+        with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        compute_dtype = _compute_dtype(hidden.device, weight.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):   # the chunks cast explicitly
+            loss = _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, with_grad)
+    if reduction == "mean":
+        loss = loss / (targets != IGNORE_INDEX).sum()
+    return loss
