@@ -7,6 +7,7 @@
                                                  micro_batch_size=8, rank=0, world_size=1, seed=1337)
     print(stats.describe())
     x, y = train_ds.next_batch()    # x, y [B, T] int64, T = longest sample in this batch; y == -100: no loss
+    # pack=True: x, y, segment_ids = train_ds.next_batch(), rows of several samples up to max_seq_len
 
 sft.py builds these after setup_distributed() and hands them to trainer.train (the BatchSource protocol).
 
@@ -327,6 +328,24 @@ def tokenize_conversations(chunks: Iterable[list[list[tuple[str, str]]]], tokeni
 
 
 # ------------------------------------------------------------------------------------ BatchSource
+def pack_rows(samples: np.ndarray, lengths: np.ndarray, row_len: int) -> list[np.ndarray]:
+    """First-fit decreasing: `samples` (indices into `lengths`) placed into rows of `row_len` positions, longest
+    first, each into the first row with room (close to the fewest rows possible: at most 11/9 of them + 1).
+    Deterministic: ties keep the given order."""
+    by_length = samples[np.argsort(-lengths[samples], kind="stable")]
+    room = np.empty(len(samples), dtype=np.int64)     # free positions of each open row
+    rows: list[list[int]] = []
+    for i in by_length:
+        fits = np.flatnonzero(room[:len(rows)] >= lengths[i])
+        if len(fits):
+            rows[fits[0]].append(int(i))
+            room[fits[0]] -= lengths[i]
+        else:
+            room[len(rows)] = row_len - lengths[i]
+            rows.append([int(i)])
+    return [np.array(row, dtype=np.int64) for row in rows]
+
+
 class SFTDataset:
     """BatchSource (see trainer.py) over SFTSamples for one rank.
 
@@ -339,10 +358,19 @@ class SFTDataset:
     x micro_batch_size), so the position is just (epoch, batch index) and restoring it continues exactly;
     and W ranks with micro batch B train on exactly the samples of one rank with micro batch W * B (up
     to the few samples repeated to make an epoch divide by W).
+
+    With pack_len > 0 (sft.py's default, --pack) a training batch is micro_batch_size rows of up to pack_len
+    positions, each holding several whole samples (first-fit decreasing within buckets of bucket_batches
+    global batches' worth of positions, see _packed_global_batches), and next_batch also returns segment
+    ids: the model attends only within a sample and restarts its positions there, so a sample's loss and
+    gradient are what it gives alone, without the padding. The guarantees above hold for rows as for samples:
+    disjoint rank shards, an order that depends on (seed, epoch, world_size x micro_batch_size) only, an
+    exact resume. Validation batches stay padded (the same per-sample losses).
     """
 
     def __init__(self, samples: SFTSamples, micro_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 1337, pad_id: int = 0, bucket_batches: int = DEFAULT_BUCKET_BATCHES):
+                 seed: int = 1337, pad_id: int = 0, bucket_batches: int = DEFAULT_BUCKET_BATCHES,
+                 pack_len: int = 0):
         if len(samples) == 0:
             raise SFTDataError("an SFT split has no samples")
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or bucket_batches < 1:
@@ -352,6 +380,10 @@ class SFTDataset:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.pad_id, self.bucket_batches = pad_id, bucket_batches
         self.lengths = samples.lengths
+        if pack_len and pack_len < int(self.lengths.max()):
+            raise SFTDataError(f"pack_len={pack_len} is shorter than the longest sample ({int(self.lengths.max())} "
+                               f"positions): pack to the max_seq_len the samples were truncated to")
+        self.pack_len = pack_len   # > 0: training rows pack several samples up to this many positions
         self.epoch = 0      # epochs completed = the epoch the next batch comes from
         self._cursor = 0    # index of the next batch within this epoch's plan
         self._plan: tuple[int, list[np.ndarray]] | None = None
@@ -364,10 +396,17 @@ class SFTDataset:
     def describe(self) -> str:
         """One line for the start-of-run summary (trainer.describe_run prints it)."""
         learned = int(self.samples.learn.sum())
+        if self.pack_len:
+            rows = sum(len(batch) for batch in self._epoch_plan(self.epoch))
+            fill = float(self.lengths.sum()) / (rows * self.pack_len * self.world_size)
+            layout = (f"of {self.micro_batch_size} rows packing several samples into {self.pack_len} positions "
+                      f"({fill:.0%} filled; attention and positions restart at each sample)")
+        else:
+            layout = (f"each padded to its longest sample (length-grouped in buckets of {self.bucket_batches} "
+                      f"global batches)")
         return (f"{len(self.samples):,} conversations, {int(self.lengths.sum()):,} positions ({learned:,} "
                 f"learned answer tokens), mean {float(self.lengths.mean()):.0f} / max {int(self.lengths.max())} "
-                f"per sample; {len(self):,} micro batches per epoch per rank, each padded to its longest sample "
-                f"(length-grouped in buckets of {self.bucket_batches} global batches)")
+                f"per sample; {len(self):,} micro batches per epoch per rank, {layout}")
 
     def _global_batches(self, epoch: int) -> list[np.ndarray]:
         """This epoch's global batches (sample indices, each sorted by length), in training order."""
@@ -383,11 +422,28 @@ class SFTDataset:
             batches += [chunks[i] for i in rng.permutation(len(chunks))]
         return batches
 
-    def _epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches for `epoch`: its slice of every global batch (cached for one epoch)."""
+    def _packed_global_batches(self, epoch: int) -> list[list[np.ndarray]]:
+        """This epoch's global batches of packed rows (each row: the sample indices it holds), in training order.
+        The seeded permutation is cut into buckets of bucket_batches global batches' worth of positions; each
+        bucket is packed first-fit-decreasing into rows of pack_len positions; the rows are shuffled, wrapped
+        to a multiple of world_size (repeating a few, like DistributedSampler) and cut into global batches."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.samples))
+        global_batch = self.world_size * self.micro_batch_size
+        bucket_of = (np.cumsum(self.lengths[order]) - 1) // (global_batch * self.bucket_batches * self.pack_len)
+        rows: list[np.ndarray] = []
+        for bucket in np.split(order, np.flatnonzero(np.diff(bucket_of)) + 1):
+            rows += pack_rows(bucket, self.lengths, self.pack_len)
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        rows += rows[:(-len(rows)) % self.world_size]
+        return [rows[i:i + global_batch] for i in range(0, len(rows), global_batch)]
+
+    def _epoch_plan(self, epoch: int) -> list:
+        """This rank's batches for `epoch`: its slice of every global batch (cached for one epoch). A batch is
+        an array of sample indices, or with packing a list of rows (arrays of sample indices)."""
         if self._plan is None or self._plan[0] != epoch:
             plan = []
-            for batch in self._global_batches(epoch):
+            for batch in (self._packed_global_batches(epoch) if self.pack_len else self._global_batches(epoch)):
                 per_rank = len(batch) // self.world_size   # every global batch is a multiple of W
                 plan.append(batch[self.rank * per_rank:(self.rank + 1) * per_rank])
             self._plan = (epoch, plan)
@@ -403,13 +459,32 @@ class SFTDataset:
             x[row, :len(xi)], y[row, :len(yi)] = xi, yi
         return torch.from_numpy(x), torch.from_numpy(y)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate_packed(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, y, segment_ids [B, T] int64 for packed rows, T = the fullest row. Sample k of a row is segment k;
+        the padding after the last sample is segment -1 (x pad_id, y IGNORE_INDEX). The model keeps segments
+        apart (block-diagonal causal attention, positions restarting at 0), so each sample's logits are those
+        it has alone."""
+        width = max(int(self.lengths[row].sum()) for row in rows)
+        x = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        y = np.full_like(x, IGNORE_INDEX)
+        segments = np.full_like(x, -1)
+        for r, row in enumerate(rows):
+            start = 0
+            for k, i in enumerate(row):
+                xi, yi = self.samples.xy(int(i))
+                end = start + len(xi)
+                x[r, start:end], y[r, start:end], segments[r, start:end] = xi, yi, k
+                start = end
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(segments)
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """x, y (padded) or x, y, segment_ids (packed): see collate and collate_packed."""
         plan = self._epoch_plan(self.epoch)
         batch = plan[self._cursor]
         self._cursor += 1
         if self._cursor == len(plan):   # advance eagerly so `epoch` counts completed epochs
             self.epoch, self._cursor = self.epoch + 1, 0
-        return self.collate(batch)
+        return self.collate_packed(batch) if self.pack_len else self.collate(batch)
 
     def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Up to `max_batches` batches of this rank's share, in the fixed row_key order (so a prefix is a
@@ -432,7 +507,8 @@ class SFTDataset:
         return {"kind": "sft", "epoch": self.epoch, "batch": self._cursor, "seed": self.seed,
                 "global_batch": self.world_size * self.micro_batch_size, "world_size": self.world_size,
                 "bucket_batches": self.bucket_batches, "num_samples": len(self.samples),
-                "fingerprint": self.fingerprint()}
+                "fingerprint": self.fingerprint(), "pack_len": self.pack_len,
+                "epoch_batches": len(self._epoch_plan(self.epoch))}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. The seed and bucketing of the saved run win (they
@@ -447,7 +523,13 @@ class SFTDataset:
         self.seed, self.bucket_batches = int(state["seed"]), int(state["bucket_batches"])
         self.epoch, self._cursor, self._plan = int(state["epoch"]), int(state["batch"]), None
         saved_global, global_batch = int(state["global_batch"]), self.world_size * self.micro_batch_size
-        if saved_global != global_batch:
+        if state.get("pack_len", 0) != self.pack_len:   # packed <-> padded: another batch count per epoch
+            self._cursor = self._cursor * len(self._epoch_plan(self.epoch)) // int(state["epoch_batches"]) \
+                if "epoch_batches" in state else 0
+            if self.rank == 0:
+                print(f"note: data position saved with pack_len={state.get('pack_len', 0)}, resumed with "
+                      f"{self.pack_len}: epoch {self.epoch} continues at about the same fraction", file=sys.stderr)
+        elif saved_global != global_batch:
             self._cursor = min(self._cursor * saved_global // global_batch, len(self._epoch_plan(self.epoch)) - 1)
             if self.rank == 0:
                 print(f"note: data position saved with world_size x micro_batch_size = {saved_global}, resumed "
@@ -458,9 +540,10 @@ class SFTDataset:
 def build_sft_datasets(path: str, tokenizer, max_seq_len: int, micro_batch_size: int, rank: int = 0,
                        world_size: int = 1, seed: int = 1337, val_fraction: float = 0.01,
                        bucket_batches: int = DEFAULT_BUCKET_BATCHES, progress: bool = True,
-                       num_threads: int = -1) -> tuple[SFTDataset, SFTDataset | None, SFTStats]:
+                       num_threads: int = -1, pack: bool = False) -> tuple[SFTDataset, SFTDataset | None, SFTStats]:
     """Read, tokenize and split an SFT CSV; (train, val or None when the split is empty, stats).
-    Every rank builds the same samples (the order needs every length) and then reads its own shard."""
+    Every rank builds the same samples (the order needs every length) and then reads its own shard.
+    pack=True: training rows pack several samples into max_seq_len positions (validation stays padded)."""
     if not 0.0 <= val_fraction < 1.0:
         raise SFTDataError(f"--val_fraction={val_fraction}: must be in [0, 1)")
     if max_seq_len < 2:
@@ -473,7 +556,8 @@ def build_sft_datasets(path: str, tokenizer, max_seq_len: int, micro_batch_size:
         raise SFTDataError(f"{path}: all {stats.rows} rows fell in the validation split; "
                            f"lower --val_fraction")
     pad_id = tokenizer.special_tokens["<pad>"]
-    train_ds = SFTDataset(train, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches)
+    train_ds = SFTDataset(train, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches,
+                          pack_len=max_seq_len if pack else 0)
     val_ds = SFTDataset(val, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches) if len(val) else None
     return train_ds, val_ds, stats
 

@@ -6,6 +6,7 @@
     python sft.py --init_from=Llama2-Chinese-92M-epoch-1.pth      # a seed project .pth (92m shape assumed)
     python sft.py --resume                                        # continue out/sft after a stop or crash
     python sft.py --init_from=out/pretrain/ckpt.pt --val_data=my_val.csv --epochs=3 --lr=5e-5
+    python sft.py --init_from=out/pretrain/ckpt.pt --pack=false   # one padded sample per row (the old batches)
     python sft.py --help                                          # every flag, with its meaning
 
 --init_from (weights only: this repo's checkpoints, a seed-style .pth or an exported HF folder) or --resume
@@ -14,7 +15,8 @@ weights. Writes out/sft/: ckpt.pt, ckpt_NNNNNNN.pt, best.pt, metrics.jsonl, loss
 
 Each CSV row is one conversation laid out as `prompt <bos> answer <eos>` per turn (dataset_sft.py); the loss
 is the mean over the answer tokens (and their <eos>) of a whole optimizer step, all micro batches and ranks
-together. Validation: a deterministic `--val_fraction` of the rows (chosen by a hash of their text, so
+together. By default a micro batch is micro_batch_size rows of max_seq_len positions, each packing several
+conversations that never attend to each other (--pack=false: one conversation per row, padded). Validation: a deterministic `--val_fraction` of the rows (chosen by a hash of their text, so
 duplicates share a split), or all of --val_data's rows; --val_data=none turns it off.
 """
 from __future__ import annotations
@@ -38,6 +40,9 @@ class SFTConfig(TrainConfig):
     """Share of --data's rows held out for the validation loss (by a hash of each row); ignored with --val_data."""
     bucket_batches: int = DEFAULT_BUCKET_BATCHES
     """Length grouping: samples are sorted by length within buckets of this many global batches (1 = none)."""
+    pack: bool = True
+    """Pack several samples into each micro-batch row of max_seq_len positions (attention and positions restart
+    at every sample, so each is trained exactly as alone, without padding); false = one padded sample per row."""
 
 
 # The seed project's fine-tuning settings: 2 epochs at lr 2e-5 (cosine to a tenth), light weight decay.
@@ -49,16 +54,16 @@ DEFAULTS = SFTConfig(data="sft_data/sft_data.csv", out_dir="out/sft", preset="92
 def build_datasets(cfg: SFTConfig, tokenizer, max_seq_len: int, rank: int,
                    world_size: int) -> tuple[SFTDataset, SFTDataset | None]:
     """Train split of --data, and validation from --val_data (all rows) or a held-out share of --data."""
-    def build(path: str, val_fraction: float):
+    def build(path: str, val_fraction: float, pack: bool = cfg.pack):
         return build_sft_datasets(path, tokenizer, max_seq_len, cfg.micro_batch_size, rank, world_size,
-                                  cfg.seed, val_fraction, cfg.bucket_batches, progress=rank == 0)
+                                  cfg.seed, val_fraction, cfg.bucket_batches, progress=rank == 0, pack=pack)
     separate_val = cfg.val_data.lower() not in ("", "none")
     train_ds, val_ds, stats = build(cfg.data, 0.0 if cfg.val_data else cfg.val_fraction)
     if rank == 0:
         print(stats.describe())
     if separate_val:
         # every row of --val_data is validation: its "train" split at fraction 0 holds them all
-        val_ds, _, val_stats = build(cfg.val_data, 0.0)
+        val_ds, _, val_stats = build(cfg.val_data, 0.0, pack=False)
         if rank == 0:
             print(val_stats.describe() + " (all used for validation)")
     if val_ds is None and rank == 0:

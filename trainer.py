@@ -193,10 +193,12 @@ class BatchSource(Protocol):
     pad_id: int | None   # the id padding x (excluded from tokens/s); None or absent when batches are never padded
 
     def __len__(self) -> int: ...                                      # micro batches per epoch per rank
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...      # x, y [B, T] int64, y -100 = no loss
+    # x, y [B, T] int64, y -100 = no loss; optionally segment_ids [B, T] (packed rows: model.forward's segment_ids,
+    # -1 = padding)
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
 
 # ------------------------------------------------------------------------------------ model shape
@@ -422,6 +424,18 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+def _batch_to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """x, y (and segment_ids) on the device: from pinned memory without blocking the host on CUDA."""
+    return tuple(_to_device(t, device) for t in batch)
+
+
+def _summed_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Sum of the token losses of one batch (x, y[, segment_ids]); the model builds no logits for it."""
+    x, y, *segments = batch
+    _, loss = model(x, y, reduction="sum", **({"segment_ids": segments[0]} if segments else {}))
+    return loss
+
+
 def _full_model_state(run: Run) -> dict:
     """fp32 weights as a full state dict on rank 0's CPU (a collective under FSDP: every rank calls it)."""
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -475,11 +489,11 @@ def evaluate(run: Run) -> float | None:
     model = run.model if run.cfg.fsdp else run.raw
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)   # [loss sum, target count]
-    for x, y in batches[:int(count.item())]:
-        x, y = _to_device(x, device), _to_device(y, device)
+    for batch in batches[:int(count.item())]:
+        batch = _batch_to_device(batch, device)
         with run.precision.autocast(device):
-            _, loss = model(x, y, reduction="sum")
-        totals += torch.stack([loss.double(), (y != -100).sum().double()])
+            loss = _summed_loss(model, batch)
+        totals += torch.stack([loss.double(), (batch[1] != -100).sum().double()])
     model.train()
     _all_reduce(run.ctx, totals)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
@@ -500,23 +514,27 @@ def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tens
     DDP and FSDP average gradients over ranks, hence the factor world_size."""
     scale = run.ctx.world_size / n_targets
     loss_sum = torch.zeros((), device=run.ctx.device)
-    for i, (x, y) in enumerate(batches):
-        x, y = _to_device(x, run.ctx.device), _to_device(y, run.ctx.device)
+    batches = [_batch_to_device(batch, run.ctx.device) for batch in batches]   # all copies queued up front
+    for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # DDP: all-reduce once, on the last micro batch. FSDP reduce-scatters every micro batch instead, so
         # unsharded gradients never pile up (saving memory is why one uses FSDP); the sum is the same.
         no_sync = run.model.no_sync() if hasattr(run.model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync:
             with run.precision.autocast(run.ctx.device):
-                _, loss = run.model(x, y, reduction="sum")
+                loss = _summed_loss(run.model, batch)
             run.scaler.scale(loss * scale).backward()
         loss_sum += loss.detach().float()
     return loss_sum
 
 
-def _sample_lengths(x: torch.Tensor, source: BatchSource) -> torch.Tensor:
+def _sample_lengths(x: torch.Tensor, source: BatchSource, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Length of each sample in a micro batch, padding excluded (a source that pads says so with `pad_id`), so
-    that tokens/s and MFU count only real work."""
+    that tokens/s and MFU count only real work. In packed rows (segment_ids) each segment is a sample: its
+    attention cost grows with its own length, not the row's."""
+    if segment_ids is not None:
+        rows = torch.arange(x.shape[0])[:, None] * (x.shape[1] + 1)            # [B, 1]: a key per (row, segment)
+        return torch.unique((rows + segment_ids)[segment_ids >= 0], return_counts=True)[1].double()
     pad_id = getattr(source, "pad_id", None)
     if pad_id is None:
         return torch.full((x.shape[0],), x.shape[1], dtype=torch.float64)
@@ -529,8 +547,8 @@ def train_step(run: Run, lr: float) -> StepResult:
         group["lr"] = lr
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
     # counted on the CPU; only a distributed run moves them to the device for the all-reduce (a GPU sync)
-    lengths = torch.cat([_sample_lengths(x, run.train_ds) for x, _ in batches])
-    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches), lengths.sum().item(),
+    lengths = torch.cat([_sample_lengths(b[0], run.train_ds, *b[2:]) for b in batches])
+    counts = torch.tensor([sum(int((b[1] != -100).sum()) for b in batches), lengths.sum().item(),
                            lengths.square().sum().item()],
                           dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
     n_targets, positions, squared_lengths = (int(c) for c in _all_reduce(run.ctx, counts).tolist())

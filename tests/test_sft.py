@@ -177,7 +177,7 @@ def test_step_loss_is_the_mean_over_answer_tokens_of_the_whole_step(sample_csv, 
     """3 micro batches of different answer-token counts: the trainer's step loss and gradient are those
     of (sum of every answer token's loss) / (answer tokens in the step), not a mean of batch means."""
     cfg = train_config.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", grad_accum_steps=3,
-                                     grad_clip=0, bucket_batches=1), sft.DEFAULTS)
+                                     grad_clip=0, bucket_batches=1, pack=False), sft.DEFAULTS)
     ctx = trainer.setup_distributed()
     identity = tokenizer_identity(small_tokenizer)
     model_args = trainer.resolve_model_args(cfg, ctx, identity)
@@ -213,7 +213,8 @@ def test_step_loss_is_the_mean_over_answer_tokens_of_the_whole_step(sample_csv, 
 def test_padded_token_budget_is_an_upper_bound_and_flops_count_real_lengths(sample_csv, small_tokenizer, tmp_path):
     """SFT batches pad to their longest sample, shorter than seq_len: micro_batch_size x seq_len x accum is
     the most a step can train on, not what it trains on; MFU counts each sample's attention at its length."""
-    cfg = train_config.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", seq_len=512), sft.DEFAULTS)
+    cfg = train_config.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", seq_len=512, pack=False),
+                                    sft.DEFAULTS)
     ctx = trainer.setup_distributed()
     identity = tokenizer_identity(small_tokenizer)
     model_args = trainer.resolve_model_args(cfg, ctx, identity)
