@@ -416,6 +416,7 @@ class Run:
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     metrics: dict = field(default_factory=dict)
+    defer_sync: bool = False          # steps read nothing back until a log step (CUDA; see _train_step_on_device)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -507,11 +508,14 @@ class StepResult:
     skipped: bool          # no update: non-finite loss/gradient, or no target tokens
     no_targets: bool = False   # skipped because the step had no target tokens (not a numerical problem)
     flops: float = 0.0         # training FLOPs of the step's real samples, all ranks (Transformer.training_flops)
+    # a step run with run.defer_sync: [loss, grad_norm, positions, squared lengths, skipped, no targets] still on
+    # the device; read_back() fills the fields above from it
+    on_device: torch.Tensor | None = None
 
 
-def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tensor:
-    """Backward over the micro batches; grads end as d(sum of token losses)/d(w) / n_targets (global count).
-    DDP and FSDP average gradients over ranks, hence the factor world_size."""
+def _accumulate_gradients(run: Run, batches: list, n_targets: int | torch.Tensor) -> torch.Tensor:
+    """Backward over the micro batches; grads end as d(sum of token losses)/d(w) / n_targets (global count,
+    a number or a tensor on the device). DDP and FSDP average gradients over ranks, hence the factor world_size."""
     scale = run.ctx.world_size / n_targets
     loss_sum = torch.zeros((), device=run.ctx.device)
     batches = [_batch_to_device(batch, run.ctx.device) for batch in batches]   # all copies queued up front
@@ -546,20 +550,19 @@ def train_step(run: Run, lr: float) -> StepResult:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
-    # counted on the CPU; only a distributed run moves them to the device for the all-reduce (a GPU sync)
+    # counted on the CPU; only a distributed run moves them to the device for the all-reduce
     lengths = torch.cat([_sample_lengths(b[0], run.train_ds, *b[2:]) for b in batches])
-    counts = torch.tensor([sum(int((b[1] != -100).sum()) for b in batches), lengths.sum().item(),
-                           lengths.square().sum().item()],
-                          dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
+    local_counts = [sum(int((b[1] != -100).sum()) for b in batches), lengths.sum().item(), lengths.square().sum().item()]
+    if run.defer_sync:
+        return _train_step_on_device(run, batches, local_counts)
+    counts = torch.tensor(local_counts, dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
     n_targets, positions, squared_lengths = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
     if n_targets == 0:   # every rank sees the same global count, so all skip together
         return StepResult(math.nan, math.nan, positions, skipped=True, no_targets=True)   # no compute ran
     loss_sum = _accumulate_gradients(run, batches, n_targets)
     totals = _all_reduce(run.ctx, torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()]))
     run.scaler.unscale_(run.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip or math.inf)
-    if hasattr(norm, "full_tensor"):   # a DTensor under FSDP
-        norm = norm.full_tensor()
+    norm = _clip_gradients(run)
     loss, bad_loss, grad_norm = torch.stack([totals[0] / n_targets, totals[1], norm.float()]).tolist()
     finite = bad_loss == 0 and math.isfinite(grad_norm)
     if finite:
@@ -568,6 +571,47 @@ def train_step(run: Run, lr: float) -> StepResult:
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, positions, skipped=not finite,
                       flops=run.raw.training_flops(positions, squared_lengths))
+
+
+def _clip_gradients(run: Run) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip or math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # a DTensor under FSDP
+
+
+def _train_step_on_device(run: Run, batches: list, local_counts: list) -> StepResult:
+    """train_step without a single read back to the host, so the CPU runs ahead and queues the next step while
+    the GPU works: the counts stay on the device, and a step to skip (no targets, a non-finite loss or
+    gradient) is skipped by the fused AdamW itself (its found_inf input, as GradScaler uses it: no update, no
+    step count). A step without targets runs its (all-ignored, zero) compute instead of returning early. The
+    numbers are read back by read_back() on log, eval and checkpoint steps only."""
+    counts = _all_reduce(run.ctx, _to_device(torch.tensor(local_counts, dtype=torch.float64), run.ctx.device))
+    n_targets = counts[0]
+    loss_sum = _accumulate_gradients(run, batches, n_targets.clamp(min=1).float())
+    totals = _all_reduce(run.ctx, torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float()]))
+    norm = _clip_gradients(run).float()
+    no_targets = n_targets == 0
+    skip = no_targets | (totals[1] > 0) | ~torch.isfinite(norm)
+    run.optimizer.found_inf = skip.float()
+    try:
+        run.optimizer.step()
+    finally:
+        del run.optimizer.found_inf
+    run.optimizer.zero_grad(set_to_none=True)
+    on_device = torch.stack([totals[0].double() / n_targets, norm.double(), counts[1], counts[2], skip.double(),
+                             no_targets.double()])
+    return StepResult(math.nan, math.nan, 0, skipped=True, on_device=on_device)
+
+
+def read_back(run: Run, results: list[StepResult]) -> list[StepResult]:
+    """The results with every on-device number read into its field: one host sync for all of them."""
+    waiting = [r for r in results if r.on_device is not None]
+    if waiting:
+        for result, values in zip(waiting, torch.stack([r.on_device for r in waiting]).tolist()):
+            loss, grad_norm, positions, squared_lengths, skipped, no_targets = values
+            result.loss, result.grad_norm = loss, math.nan if no_targets else grad_norm
+            result.positions, result.skipped, result.no_targets = int(positions), bool(skipped), bool(no_targets)
+            result.flops, result.on_device = run.raw.training_flops(int(positions), int(squared_lengths)), None
+    return results
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -726,7 +770,8 @@ def _eval_and_log(run: Run, bar: tqdm) -> None:
 
 
 def _after_step(run: Run, result: StepResult) -> None:
-    """Count skipped steps; stop after max_bad_steps non-finite steps in a row."""
+    """Count skipped steps; stop after max_bad_steps non-finite steps in a row (with run.defer_sync, noticed when
+    the steps are read back, at the next log step)."""
     if not result.skipped:
         run.bad_in_a_row = 0
         return
@@ -755,22 +800,30 @@ def _steps(run: Run, bar: tqdm) -> None:
     if run.step == 0:
         _eval_and_log(run, bar)   # the starting point of the validation curve
     window = {"start": time.perf_counter(), "tokens": 0, "flops": 0.0, "losses": []}
+    pending: list[StepResult] = []   # steps whose numbers are still on the device (run.defer_sync)
     while run.step < plan.max_iters:
         lr = get_lr(run.step, cfg.lr, cfg.min_lr, plan.warmup_iters, plan.lr_decay_iters)
-        result = train_step(run, lr)
+        pending.append(train_step(run, lr))
         run.step += 1
-        run.tokens_seen += result.positions
-        window["tokens"] += result.positions
-        window["flops"] += result.flops
-        window["losses"].append(result.loss)
-        _after_step(run, result)
         bar.update(1)
-        if run.step % cfg.log_interval == 0 or run.step == plan.max_iters:
+        log_now = run.step % cfg.log_interval == 0 or run.step == plan.max_iters
+        eval_now = run.step % cfg.eval_interval == 0 or run.step == plan.max_iters
+        save_now = run.step % cfg.save_interval == 0 or run.step == plan.max_iters
+        if not (log_now or eval_now or save_now) and pending[-1].on_device is not None:
+            continue   # nothing needs the numbers yet: no host sync
+        for result in read_back(run, pending):
+            run.tokens_seen += result.positions
+            window["tokens"] += result.positions
+            window["flops"] += result.flops
+            window["losses"].append(result.loss)
+            _after_step(run, result)
+        pending.clear()
+        if log_now:
             _log_train(run, window, lr, result, bar)
         paused_from = time.perf_counter()   # evaluation and checkpoint time does not count against tokens/s
-        if run.step % cfg.eval_interval == 0 or run.step == plan.max_iters:
+        if eval_now:
             _eval_and_log(run, bar)
-        if run.step % cfg.save_interval == 0 or run.step == plan.max_iters:
+        if save_now:
             save_checkpoint(run)
         window["start"] += time.perf_counter() - paused_from
 
@@ -815,6 +868,9 @@ def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_d
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_scaler)
     run = Run(cfg, ctx, plan, precision, model_args, tokenizer, train_ds, val_ds, raw, model, optimizer, scaler,
               flops_per_token, peak_flops(ctx.device, precision))
+    # with CUDA and the fused AdamW (no GradScaler, no FSDP) a step never waits for the GPU except on log steps
+    run.defer_sync = ctx.device.type == "cuda" and not precision.use_scaler and not cfg.fsdp \
+        and bool(optimizer.defaults.get("fused"))
     if meta is not None:
         _restore(run, meta, optimizer_state)
     else:
