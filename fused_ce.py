@@ -6,11 +6,12 @@
 equals `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100, reduction=...)` (tests/
 test_fused_loss.py holds it to fp32 tolerance, gradients included), but holds at most one chunk of
 `chunk_rows x vocab` fp32 logits at a time instead of `N x vocab` (for 16 x 512 positions and 64,794 words:
-about 130 MB instead of 2.1 GB of logits, and as much again for their softmax and gradient).
+32 MB on CPU instead of 2.1 GB of logits, and as much again for their softmax and gradient).
 
 How. For each chunk of positions: logits = h @ W^T, their log-sum-exp and the target's logit give the loss;
 softmax - onehot is the gradient of the logits, which is turned at once into the chunk's share of dL/dh
-(g @ W) and of dL/dW (g^T @ h) and dropped. The loss is differentiated right after the forward pass in
+(g @ W) and of dL/dW (g^T @ h) and dropped (the softmax's 1/sum and the onehot are applied to the small
+[chunk, dim] operands, so the [chunk, vocab] buffer is read and written as few times as possible). The loss is differentiated right after the forward pass in
 training, so the gradients are computed in the forward pass (as Liger-Kernel's fused linear cross-entropy
 does) rather than recomputing the logits in backward: the output layer, 53-82% of a step's FLOPs at this
 project's sizes, then costs three matmuls, as unfused, not four. backward() only scales the stored gradients
@@ -31,7 +32,9 @@ import os
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2 ** 25   # fp32 logits per chunk: 128 MiB, ~518 positions of a 64,794-word vocabulary
+# fp32 logits per chunk: 32 MiB (~129 positions of the 64,794-word vocabulary) on CPU, where small chunks stay
+# in cache and cost no speed; 256 MiB (~1,036 positions) on GPUs, whose matmuls want more rows
+CHUNK_ELEMENTS = {"cpu": 2 ** 23, "cuda": 2 ** 26}
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -47,7 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 compute_dtype: torch.dtype, with_grad: bool) -> torch.Tensor:
-        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        chunk_rows = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2 ** 26) // weight.shape[0])
         w = weight.to(compute_dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if with_grad else None
@@ -56,20 +59,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_rows].to(compute_dtype)          # [c, dim]
             t = targets[start:start + chunk_rows]                           # [c]
             logits = (h @ w.T).float()                                      # [c, vocab]
-            lse = torch.logsumexp(logits, dim=-1)                           # [c]
             valid = t != IGNORE_INDEX
             safe_t = torch.where(valid, t, 0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)     # [c]
-            loss += torch.where(valid, lse - target_logit, 0.0).sum()
+            # log-sum-exp in place: the chunk's one [c, vocab] buffer becomes exp(logits - max), then softmax
+            row_max = logits.amax(dim=-1)                                   # [c]
+            exp = logits.sub_(row_max[:, None]).exp_()                      # [c, vocab]
+            total = exp.sum(dim=-1)                                         # [c]
+            loss += torch.where(valid, row_max + total.log() - target_logit, 0.0).sum()
             if with_grad:
-                grad = logits.sub_(lse[:, None]).exp_()                     # softmax, in place: [c, vocab]
-                grad.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
-                grad.mul_(valid[:, None])
-                grad_hidden[start:start + chunk_rows] = (grad.to(compute_dtype) @ w).to(hidden.dtype)
+                # d loss / d logits = softmax - onehot = exp / total - onehot (zero for ignored rows). The 1 / total
+                # and the mask scale the small [c, dim] operands instead of the [c, vocab] one, and the onehot
+                # part is a row gather / scatter of the weight: one pass less over the chunk for each.
+                scale = (valid / total)[:, None]                            # [c, 1]
+                target_w = w[safe_t] * valid[:, None]                       # [c, dim]
+                grad_hidden[start:start + chunk_rows] = ((exp.to(compute_dtype) @ w) * scale - target_w
+                                                         ).to(hidden.dtype)
+                scaled_h = (h * scale.to(compute_dtype))                    # [c, dim]
                 if compute_dtype == torch.float32:
-                    grad_weight.addmm_(grad.T, h)                           # [vocab, dim]
+                    grad_weight.addmm_(exp.T, scaled_h)                     # [vocab, dim]
                 else:
-                    grad_weight += (grad.T.to(compute_dtype) @ h).float()
+                    grad_weight += (exp.T.to(compute_dtype) @ scaled_h).float()
+                grad_weight.index_add_(0, safe_t, (h * valid[:, None]).float(), alpha=-1.0)
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss

@@ -32,7 +32,7 @@ def grads(loss: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_loss_and_gradients_equal_plain_cross_entropy_across_chunks(monkeypatch, reduction):
-    monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", 7 * 1000)   # 7 positions per chunk: 6 chunks, the last short
+    monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", {"cpu": 7 * 1000})   # 7 positions a chunk: 6, the last short
     torch.manual_seed(0)
     hidden = torch.randn(3, 13, 48, requires_grad=True)
     weight = (torch.randn(1000, 48) * 0.3).requires_grad_()
