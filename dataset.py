@@ -23,6 +23,11 @@ together cover each epoch exactly once, and an epoch boundary can fall inside a 
 repeated to make epochs divide evenly). The position is one number, `consumed` (windows this rank has read, the
 same on every rank), so a checkpoint's data state is rank-independent and restoring it continues exactly.
 
+Document masking (pretrain.py --doc_mask, off by default). A window usually holds the end of one document and
+the start of others. With doc_mask, batches carry segment ids (one per document) and the model attends only
+within a document, restarting its rotary positions after each <eos>; without it, as in the seed project, a
+window is one sequence and later documents see the earlier ones.
+
 Manifest policy. A .bin whose manifest names another tokenizer than the run's is refused (one line naming both).
 A .bin without a manifest (e.g. made by the seed project) is accepted with a warning when the run names its
 tokenizer (--tokenizer): its largest token id is then checked against that vocabulary instead. Without either,
@@ -40,17 +45,21 @@ import torch
 
 from tokenfile import DataError, data_tokenizer, max_token, open_tokens, read_manifest, resolve_bin_paths
 
+EOS_ID = 2   # DESIGN.md: every document in a .bin is followed by <eos> (2)
+
 class PretrainDataset:
     """BatchSource (see trainer.py) of next-token windows over one or many .bin files, for one rank."""
 
     def __init__(self, paths: list[str] | str, max_seq_len: int, micro_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1337, tokenizer: dict | None = None, log: bool = True):
+                 world_size: int = 1, seed: int = 1337, tokenizer: dict | None = None, log: bool = True,
+                 doc_mask: bool = False):
         if max_seq_len < 1 or micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"bad batch geometry: max_seq_len={max_seq_len} micro_batch_size={micro_batch_size} "
                             f"rank={rank} world_size={world_size}")
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         self.seq_len, self.micro_batch_size = max_seq_len, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.doc_mask = doc_mask   # batches also carry segment ids: one per document of a window
         self.tokenizer = data_tokenizer(self.paths, tokenizer, log=log and rank == 0)
         self._tokens = [open_tokens(p, read_manifest(p)) for p in self.paths]
         self._check_ids()
@@ -98,12 +107,20 @@ class PretrainDataset:
         start = (index - int(self._first_window[f])) * self.seq_len
         return self._tokens[f][start:start + self.seq_len + 1]
 
-    def _collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _collate(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """x, y [B, T]; with doc_mask also segment_ids [B, T]: the number of <eos> before each position, so a
+        document attends only to itself and its positions start at 0 (an <eos> still belongs to the document
+        it ends, and predicts the next one's first token as without the mask)."""
         rows = np.stack([self.window(i) for i in indices]).astype(np.int64)   # [B, T + 1]
-        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())  # [B, T] each
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())  # [B, T] each
+        if not self.doc_mask:
+            return x, y
+        ends = rows[:, :-1] == EOS_ID                                          # [B, T]
+        return x, y, torch.from_numpy(np.cumsum(ends, axis=1) - ends)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y [micro_batch_size, max_seq_len] int64: this rank's next windows of the global stream."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """x, y [micro_batch_size, max_seq_len] int64 (and segment_ids with doc_mask): this rank's next windows
+        of the global stream."""
         indices = []
         for k in range(self.micro_batch_size):
             position = (self.consumed + k) * self.world_size + self.rank     # in the global stream
@@ -111,7 +128,7 @@ class PretrainDataset:
         self.consumed += self.micro_batch_size
         return self._collate(indices)
 
-    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Up to `max_batches` batches of this rank's share in file order (rank r: windows r, r + W, ...).
         Every rank yields the same number of batches of the same sizes."""
         per_rank = self.n_windows // self.world_size

@@ -8,6 +8,7 @@
         pretrain.py --preset=218m --fsdp
     python pretrain.py --resume                                  # continue out/pretrain after a stop or crash
     python pretrain.py --data="data/part_*.bin" --val_data=data/pretrain_val.bin --batch_tokens=131072
+    python pretrain.py --preset=92m --doc_mask                   # no attention across <eos> document boundaries
     python pretrain.py --help                                    # every flag, with its meaning
 
 Writes out/pretrain/: ckpt.pt (newest, resumable), ckpt_NNNNNNN.pt (the last --keep_last), best.pt (lowest
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 from chatglm_tokenizer import tokenizer_identity
 from dataset import PretrainDataset
@@ -25,8 +27,17 @@ from train_config import TrainConfig
 from trainer import configure, resolve_model_args, run_cli, train
 from tokenfile import DataError, data_tokenizer, default_val_path, resolve_bin_paths
 
-DEFAULTS = TrainConfig(data="data/pretrain_data.bin", out_dir="out/pretrain", preset="92m", lr=3e-4, min_lr=3e-5,
-                       micro_batch_size=16, grad_accum_steps=2, epochs=1.0)
+@dataclass
+class PretrainConfig(TrainConfig):
+    """TrainConfig plus the pretraining data options."""
+
+    doc_mask: bool = False
+    """No attention across <eos> document boundaries inside a window (positions restart after each <eos>);
+    off = the seed's behaviour, a window is one sequence."""
+
+
+DEFAULTS = PretrainConfig(data="data/pretrain_data.bin", out_dir="out/pretrain", preset="92m", lr=3e-4,
+                          min_lr=3e-5, micro_batch_size=16, grad_accum_steps=2, epochs=1.0)
 
 
 def val_paths(cfg: TrainConfig, train_paths: list[str]) -> list[str] | None:
@@ -58,7 +69,7 @@ def main(argv: list[str]) -> dict:
 
     def dataset(paths: list[str]) -> PretrainDataset:
         return PretrainDataset(paths, model_args.max_seq_len, cfg.micro_batch_size, ctx.rank, ctx.world_size,
-                               cfg.seed, tokenizer)
+                               cfg.seed, tokenizer, doc_mask=cfg.doc_mask)
     validation = val_paths(cfg, train_paths)
     check_held_out(cfg, train_paths, validation)
     train_ds = dataset(train_paths)

@@ -159,3 +159,26 @@ def test_trainer_counts_each_packed_sample_and_the_summed_loss(tmp_path):
                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
                     for xi, yi in (ds.samples.xy(i) for i in packed_samples(ds, x, segments)))
     assert loss.item() == pytest.approx(reference, rel=1e-5)
+
+
+def test_doc_mask_keeps_documents_of_a_pretraining_window_apart(tmp_path):
+    """--doc_mask: the segments of a window restart after each <eos>, and a document's logits inside the window
+    are those of the document alone (without the mask, a later document sees the earlier one)."""
+    from dataset import PretrainDataset
+    from test_dataset import SYNTH_VOCAB, write_bin
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 36, n).tolist() + [2] for n in (9, 14, 6, 11)]
+    path = write_bin(str(tmp_path / "docs.bin"), [t for doc in docs for t in doc])
+    ds = PretrainDataset(path, SEQ, micro_batch_size=1, doc_mask=True)
+    assert SYNTH_VOCAB >= 36
+    x, y, segments = ds.next_batch()
+    assert segments[0, :10].tolist() == [0] * 10 and segments[0, 10:25].tolist() == [1] * 15
+    assert len(PretrainDataset(path, SEQ, micro_batch_size=1).next_batch()) == 2   # off by default
+    model = spread_model(3)
+    with torch.no_grad():
+        masked, _ = model(x, segment_ids=segments)
+        plain, _ = model(x)
+        alone, _ = model(x[:, 10:25])
+    torch.testing.assert_close(masked[0, 10:25], alone[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain[0, 10:25], alone[0], atol=1e-3)
+    torch.testing.assert_close(masked[0, :10], plain[0, :10], rtol=1e-5, atol=1e-5)   # the first is unchanged
