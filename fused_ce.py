@@ -72,7 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # and the mask scale the small [c, dim] operands instead of the [c, vocab] one, and the onehot
                 # part is a row gather / scatter of the weight: one pass less over the chunk for each.
                 scale = (valid / total)[:, None]                            # [c, 1]
-                target_w = w[safe_t] * valid[:, None]                       # [c, dim]
+                target_w = w.index_select(0, safe_t) * valid[:, None]       # [c, dim] (not w[t]: 100x slower)
                 grad_hidden[start:start + chunk_rows] = ((exp.to(compute_dtype) @ w) * scale - target_w
                                                          ).to(hidden.dtype)
                 scaled_h = (h * scale.to(compute_dtype))                    # [c, dim]
