@@ -11,8 +11,8 @@ test_fused_loss.py holds it to fp32 tolerance, gradients included), but holds at
 How. For each chunk of positions: logits = h @ W^T, their log-sum-exp and the target's logit give the loss;
 softmax - onehot is the gradient of the logits, which is turned at once into the chunk's share of dL/dh
 (g @ W) and of dL/dW (g^T @ h) and dropped (the softmax's 1/sum and the onehot are applied to the small
-[chunk, dim] operands, so the [chunk, vocab] buffer is read and written as few times as possible). The loss is differentiated right after the forward pass in
-training, so the gradients are computed in the forward pass (as Liger-Kernel's fused linear cross-entropy
+[chunk, dim] operands, so the [chunk, vocab] buffer is read and written as few times as possible). The loss is
+differentiated right after the forward pass in training, so the gradients are computed in the forward pass (as Liger-Kernel's fused linear cross-entropy
 does) rather than recomputing the logits in backward: the output layer, 53-82% of a step's FLOPs at this
 project's sizes, then costs three matmuls, as unfused, not four. backward() only scales the stored gradients
 by the incoming scalar. Without grad mode (validation) only the loss is computed.

@@ -316,10 +316,13 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, caches[i] if caches is not None else None, start_pos, mask)
         return self.norm(x)
 
-    def forward_cached(self, tokens: torch.Tensor, caches: list[KVCache], start_pos: int) -> torch.Tensor:
+    def forward_cached(self, tokens: torch.Tensor, caches: list[KVCache], start_pos: int,
+                       last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, vocab_size] of tokens [B, T] at positions start_pos.., reusing and extending the
-        KV caches (one per layer, from new_caches()) that hold positions 0..start_pos-1."""
-        return self.output(self._hidden(tokens, caches, start_pos))
+        KV caches (one per layer, from new_caches()) that hold positions 0..start_pos-1. last_only: the last
+        position's logits only, [B, 1, vocab_size] (a prefill needs no more)."""
+        hidden = self._hidden(tokens, caches, start_pos)                # [B, T, dim]
+        return self.output(hidden[:, -1:] if last_only else hidden)
 
     def new_caches(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -381,7 +384,7 @@ class Transformer(nn.Module):
         self.eval()
         try:
             caches, window = self.new_caches(), ids[-self.args.max_seq_len:]
-            logits = self.forward_cached(torch.tensor([window], device=device), caches, 0)[0, -1]  # [vocab]
+            logits = self.forward_cached(torch.tensor([window], device=device), caches, 0, last_only=True)[0, -1]
             pos = len(window)
             for step in range(max_new_tokens):
                 next_id = sample_next(logits, seen, temperature, top_k, top_p, repetition_penalty)
@@ -394,7 +397,7 @@ class Transformer(nn.Module):
                     return
                 if pos == self.args.max_seq_len:   # cache full: slide the window, recompute from its tail
                     caches, window = self.new_caches(), ids[-max(1, self.args.max_seq_len // 2):]
-                    logits = self.forward_cached(torch.tensor([window], device=device), caches, 0)[0, -1]
+                    logits = self.forward_cached(torch.tensor([window], device=device), caches, 0, True)[0, -1]
                     pos = len(window)
                 else:
                     logits = self.forward_cached(torch.tensor([[next_id]], device=device), caches, pos)[0, -1]

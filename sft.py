@@ -16,8 +16,9 @@ weights. Writes out/sft/: ckpt.pt, ckpt_NNNNNNN.pt, best.pt, metrics.jsonl, loss
 Each CSV row is one conversation laid out as `prompt <bos> answer <eos>` per turn (dataset_sft.py); the loss
 is the mean over the answer tokens (and their <eos>) of a whole optimizer step, all micro batches and ranks
 together. By default a micro batch is micro_batch_size rows of max_seq_len positions, each packing several
-conversations that never attend to each other (--pack=false: one conversation per row, padded). Validation: a deterministic `--val_fraction` of the rows (chosen by a hash of their text, so
-duplicates share a split), or all of --val_data's rows; --val_data=none turns it off.
+conversations that never attend to each other (--pack=false: one conversation per row, padded).
+Validation: a deterministic `--val_fraction` of the rows (chosen by a hash of their text, so duplicates
+share a split), or all of --val_data's rows; --val_data=none turns it off.
 """
 from __future__ import annotations
 

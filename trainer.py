@@ -552,7 +552,8 @@ def train_step(run: Run, lr: float) -> StepResult:
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
     # counted on the CPU; only a distributed run moves them to the device for the all-reduce
     lengths = torch.cat([_sample_lengths(b[0], run.train_ds, *b[2:]) for b in batches])
-    local_counts = [sum(int((b[1] != -100).sum()) for b in batches), lengths.sum().item(), lengths.square().sum().item()]
+    local_counts = [sum(int((b[1] != -100).sum()) for b in batches), lengths.sum().item(),
+                    lengths.square().sum().item()]
     if run.defer_sync:
         return _train_step_on_device(run, batches, local_counts)
     counts = torch.tensor(local_counts, dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
