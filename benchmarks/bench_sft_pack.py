@@ -4,7 +4,8 @@
     python benchmarks/bench_sft_pack.py --csv=sft_data/sft_data.csv --preset=tiny --seq_len=512 --epochs=1
 
 Both runs train the same model from the same initial weights through the trainer (trainer.build_run and
-trainer.train_step, as sft.py does) for the same number of epochs, at the same micro batch: micro_batch_size
+trainer.train_step, as sft.py does) for the same number of epochs, interleaved step by step in proportion to
+their lengths (so load from other processes slows both alike), at the same micro batch: micro_batch_size
 rows of at most seq_len positions, so the largest micro batch, and with it the memory it needs, is the same
 [micro_batch_size, seq_len] block in both. Reported: learned answer tokens per second of training step time,
 steps, and the validation loss (the same held-out split, padded, at each quarter of the run) against answer
@@ -39,38 +40,49 @@ def make_csv(folder: str) -> str:
     return out
 
 
-def run_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str) -> dict:
-    """Train opts.epochs epochs in one mode; answer tokens/s of the steps and (answer tokens, val loss) points."""
+def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str) -> dict:
+    """A trainer Run in one mode (same seed, so the same initial weights) and the counters of its progress."""
     argv = [f"--data={csv}", f"--out_dir={out_dir}", f"--preset={opts.preset}", f"--seq_len={opts.seq_len}",
             f"--micro_batch_size={opts.micro_batch_size}", "--grad_accum_steps=1", f"--epochs={opts.epochs}",
             f"--lr={opts.lr}", f"--min_lr={opts.lr / 10}", "--warmup_iters=0", f"--val_fraction={opts.val_fraction}",
-            f"--eval_iters=1000", f"--pack={pack}", f"--tokenizer={opts.tokenizer}", "--overwrite"]
+            "--eval_iters=1000", f"--pack={pack}", f"--tokenizer={opts.tokenizer}", "--overwrite"]
     cfg = parse_config(argv, sft.DEFAULTS)
     ctx = trainer.setup_distributed()
     identity = tokenizer_identity(opts.tokenizer)
     model_args = trainer.resolve_model_args(cfg, ctx, identity)
     train_ds, val_ds = sft.build_datasets(cfg, load_tokenizer(opts.tokenizer), model_args.max_seq_len, 0, 1)
-    torch.manual_seed(0)
     run, _ = trainer.build_run(cfg, ctx, model_args, train_ds, val_ds, identity)
-    answers, step_time, curve = 0, 0.0, [(0, trainer.evaluate(run))]
+    mode = {"pack": pack, "run": run, "step": 0, "answers": 0, "seconds": 0.0, "curve": [(0, trainer.evaluate(run))]}
     next_batch = train_ds.next_batch
 
     def counting_next_batch():
-        nonlocal answers
         batch = next_batch()
-        answers += int((batch[1] != -100).sum())
+        mode["answers"] += int((batch[1] != -100).sum())
         return batch
     train_ds.next_batch = counting_next_batch
-    checkpoints = {max(1, run.plan.max_iters * k // 4) for k in (1, 2, 3, 4)}
-    for step in range(run.plan.max_iters):
-        lr = trainer.get_lr(step, cfg.lr, cfg.min_lr, run.plan.warmup_iters, run.plan.lr_decay_iters)
-        start = time.perf_counter()
-        trainer.train_step(run, lr)
-        step_time += time.perf_counter() - start
-        if step + 1 in checkpoints:
-            curve.append((answers, trainer.evaluate(run)))
-    return {"pack": pack, "steps": run.plan.max_iters, "answers": answers, "seconds": step_time,
-            "answer_tok_s": answers / step_time, "curve": curve}
+    return mode
+
+
+def step_mode(mode: dict) -> None:
+    """One timed optimizer step; the validation loss at each quarter of the run."""
+    run = mode["run"]
+    lr = trainer.get_lr(mode["step"], run.cfg.lr, run.cfg.min_lr, run.plan.warmup_iters, run.plan.lr_decay_iters)
+    start = time.perf_counter()
+    trainer.train_step(run, lr)
+    mode["seconds"] += time.perf_counter() - start
+    mode["step"] += 1
+    if mode["step"] in {max(1, run.plan.max_iters * k // 4) for k in (1, 2, 3, 4)}:
+        mode["curve"].append((mode["answers"], trainer.evaluate(run)))
+
+
+def train_both(modes: list[dict]) -> None:
+    """Step whichever mode is less far through its run, so that load from other processes on a shared machine
+    falls on both alike."""
+    while True:
+        open_modes = [m for m in modes if m["step"] < m["run"].plan.max_iters]
+        if not open_modes:
+            return
+        step_mode(min(open_modes, key=lambda m: m["step"] / m["run"].plan.max_iters))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         csv = opts.csv or make_csv(folder)
-        results = [run_mode(opts, csv, pack, os.path.join(folder, f"pack_{pack}")) for pack in (False, True)]
+        results = [build_mode(opts, csv, pack, os.path.join(folder, f"pack_{pack}")) for pack in (False, True)]
+        train_both(results)
+    for r in results:
+        r["answer_tok_s"] = r["answers"] / r["seconds"]
     padded, packed = results
     print(f"\n{opts.preset}, micro batch {opts.micro_batch_size} x {opts.seq_len} positions at most, {opts.epochs} "
           f"epoch(s), CPU {torch.get_num_threads()} threads")
     print(f"{'mode':<8}{'steps':>7}{'answer tokens':>15}{'step s':>9}{'answer tok/s':>14}   val loss at answer tokens")
     for r in results:
         curve = "  ".join(f"{loss:.3f}@{tokens:,}" for tokens, loss in r["curve"])
-        print(f"{'packed' if r['pack'] else 'padded':<8}{r['steps']:>7}{r['answers']:>15,}{r['seconds']:>9.1f}"
+        print(f"{'packed' if r['pack'] else 'padded':<8}{r['step']:>7}{r['answers']:>15,}{r['seconds']:>9.1f}"
               f"{r['answer_tok_s']:>14,.0f}   {curve}")
     print(f"packed / padded answer tokens per second: {packed['answer_tok_s'] / padded['answer_tok_s']:.2f}x; "
           f"final val loss {packed['curve'][-1][1]:.3f} packed vs {padded['curve'][-1][1]:.3f} padded")
