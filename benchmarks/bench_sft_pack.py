@@ -7,7 +7,9 @@ Both runs train the same model from the same initial weights through the trainer
 trainer.train_step, as sft.py does) for the same number of epochs, interleaved step by step in proportion to
 their lengths (so load from other processes slows both alike), at the same micro batch: micro_batch_size
 rows of at most seq_len positions, so the largest micro batch, and with it the memory it needs, is the same
-[micro_batch_size, seq_len] block in both. Reported: learned answer tokens per second of training step time,
+[micro_batch_size, seq_len] block in both. A padded step accumulates as many micro batches as it takes to
+hold about as many conversations as one packed micro batch, so both runs take about as many optimizer steps
+of the same size. Reported: learned answer tokens per second of training step time,
 steps, and the validation loss (the same held-out split, padded, at each quarter of the run) against answer
 tokens trained: the loss curve packing must keep. Without --csv it converts
 ../shared/realdata/medical_sft_1K_format.jsonl with sft_data_process.py into a temporary folder.
@@ -40,10 +42,10 @@ def make_csv(folder: str) -> str:
     return out
 
 
-def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str) -> dict:
+def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str, accum: int) -> dict:
     """A trainer Run in one mode (same seed, so the same initial weights) and the counters of its progress."""
     argv = [f"--data={csv}", f"--out_dir={out_dir}", f"--preset={opts.preset}", f"--seq_len={opts.seq_len}",
-            f"--micro_batch_size={opts.micro_batch_size}", "--grad_accum_steps=1", f"--epochs={opts.epochs}",
+            f"--micro_batch_size={opts.micro_batch_size}", f"--grad_accum_steps={accum}", f"--epochs={opts.epochs}",
             f"--lr={opts.lr}", f"--min_lr={opts.lr / 10}", "--warmup_iters=0", f"--val_fraction={opts.val_fraction}",
             "--eval_iters=1000", f"--pack={pack}", f"--tokenizer={opts.tokenizer}", "--overwrite"]
     cfg = parse_config(argv, sft.DEFAULTS)
@@ -98,13 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         csv = opts.csv or make_csv(folder)
-        results = [build_mode(opts, csv, pack, os.path.join(folder, f"pack_{pack}")) for pack in (False, True)]
+        packed = build_mode(opts, csv, True, os.path.join(folder, "packed"), 1)
+        # the padded run accumulates as many micro batches as it takes to hold about the conversations of one
+        # packed micro batch: both take about the same optimizer steps over the epoch, and the loss curves compare
+        rows = len(packed["run"].train_ds) * opts.micro_batch_size
+        accum = max(1, round(len(packed["run"].train_ds.samples) / rows))
+        results = [build_mode(opts, csv, False, os.path.join(folder, "padded"), accum), packed]
         train_both(results)
     for r in results:
         r["answer_tok_s"] = r["answers"] / r["seconds"]
     padded, packed = results
     print(f"\n{opts.preset}, micro batch {opts.micro_batch_size} x {opts.seq_len} positions at most, {opts.epochs} "
-          f"epoch(s), CPU {torch.get_num_threads()} threads")
+          f"epoch(s), padded steps accumulate {accum} micro batches, packed 1; CPU {torch.get_num_threads()} threads")
     print(f"{'mode':<8}{'steps':>7}{'answer tokens':>15}{'step s':>9}{'answer tok/s':>14}   val loss at answer tokens")
     for r in results:
         curve = "  ".join(f"{loss:.3f}@{tokens:,}" for tokens, loss in r["curve"])
