@@ -21,7 +21,10 @@ DDP or FSDP, mixed precision, the optimizer and LR schedule, evaluation, checkpo
 One optimizer step = grad_accum_steps micro batches per rank. Its loss is the sum of token losses over all
 micro batches of all ranks divided by the number of target tokens among them (all-reduced before the
 forward passes), so SFT's loss is the mean over answer tokens of the step, not a mean of batch means, and
-one process with 2x accumulation computes exactly what two processes compute.
+one process with 2x accumulation computes exactly what two processes compute. On CUDA (bf16/fp32, DDP or one
+GPU) a step reads nothing back to the host: its numbers stay on the device until a log, eval or checkpoint
+step reads them all at once (_train_step_on_device, read_back), so the host prepares the next batches while
+the GPU works.
 """
 from __future__ import annotations
 
