@@ -18,6 +18,7 @@ import trainer
 from dataset_sft import IGNORE_INDEX, build_sft_datasets, pack_rows
 from model import Transformer, model_args_from_preset, segment_positions_and_mask
 from test_dataset_sft import LetterTokenizer, numbered_rows, write_csv
+from test_sft import init_weights, one_thread, sample_csv, small_tokenizer  # noqa: F401 (fixtures)
 
 SEQ = 32
 
@@ -182,3 +183,24 @@ def test_doc_mask_keeps_documents_of_a_pretraining_window_apart(tmp_path):
     torch.testing.assert_close(masked[0, 10:25], alone[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain[0, 10:25], alone[0], atol=1e-3)
     torch.testing.assert_close(masked[0, :10], plain[0, :10], rtol=1e-5, atol=1e-5)   # the first is unchanged
+
+
+def test_sft_resume_with_multi_sample_rows_equals_uninterrupted(sample_csv, small_tokenizer, init_weights, tmp_path):
+    """sft.py end to end at seq_len 128, where rows really hold several conversations: 3 steps + --resume 3
+    steps equal 6 uninterrupted steps (losses bit for bit, weights equal)."""
+    import sft
+    from chatglm_tokenizer import load_tokenizer
+    from test_sft import flags, load, metrics
+    from train_config import parse_config
+    common = dict(seq_len=128, max_iters=6, save_interval=3, eval_interval=3)
+    cfg = parse_config(flags(sample_csv, small_tokenizer, tmp_path / "unused", **common), sft.DEFAULTS)
+    train_ds, _ = sft.build_datasets(cfg, load_tokenizer(small_tokenizer), 128, 0, 1)
+    assert cfg.pack and max(int(train_ds.next_batch()[2].max()) for _ in range(3)) >= 1   # several per row
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    sft.main(flags(sample_csv, small_tokenizer, whole, init_from=init_weights, **common))
+    sft.main(flags(sample_csv, small_tokenizer, halves, init_from=init_weights, **dict(common, max_iters=3)))
+    sft.main(flags(sample_csv, small_tokenizer, halves, **common) + ["--resume"])
+    assert metrics(halves, "loss") == metrics(whole, "loss") and len(metrics(whole, "loss")) == 6
+    a, b = load(halves / "ckpt.pt"), load(whole / "ckpt.pt")
+    assert a["data_state"] == b["data_state"] and a["data_state"]["pack_len"] == 128
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
