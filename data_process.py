@@ -52,7 +52,7 @@ from tqdm import tqdm
 from corpus_io import (COMPRESSED_SUFFIXES, READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog,
                        describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, parse_corpus_spec,
                        parse_payload, sample_corpus_specs, text_keys, where_of, write_atomic_text)
-from tokenfile import default_val_path, manifest_path
+from tokenfile import default_val_path, manifest_path, with_token_offsets
 
 DEFAULT_OUT = os.path.join("data", "pretrain_data.bin")
 DEFAULT_VAL_FRACTION = 0.01
@@ -494,7 +494,7 @@ class Run:
     def manifest(self, split: str) -> dict:
         """What training checks before using a .bin (tokenizer, dtype, eos) and what the run counted."""
         train = split == "train"
-        sources = [self._source_manifest(i, train) for i in range(len(self.stats))]
+        sources = with_token_offsets([self._source_manifest(i, train) for i in range(len(self.stats))])
         has_val = self.opts.val_out and any(s.val_documents for s in self.stats)
         other = (self.opts.val_out if has_val else None) if train else self.opts.out
         return {"split": split, "dtype": "uint16", "byte_order": "little", "eos_id": self.eos_id,

@@ -30,7 +30,9 @@ Formats (a file, a folder, or a Hugging Face dataset name via datasets.load_data
   medqa   JSON Lines question, options{A..E}, answer_idx                                     (split test)
 In a folder, a file belongs to a split when the split's name is a word of its path (val/x_val.csv,
 CMB-val/CMB-val-merge.json, test/anatomy.csv, test.jsonl); k-shot examples come from the "dev" files
-(same subject when it has enough, else the first ones), or --dev=PATH. A hub name's --subjects are its
+(same subject when it has enough, else the first ones): a folder's own, or for a file those its layout puts
+beside it (`*_dev.*` in its folder, a `dev/` folder beside its split folder; no other folder is searched), or
+--dev=PATH; --shots=0 reads none. A hub name's --subjects are its
 config names (default: the medical subjects for ceval and cmmlu, none for the others), its dev split
 "dev"; offline, it fails at once with one line (HF_HUB_OFFLINE=1 reads datasets' cache instead). Items
 without an answer, with several answers, or whose answer is not an option are skipped, counted, reported.
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import glob
 import json
 import math
 import os
@@ -273,14 +276,39 @@ def split_files(root: str, fmt: str, split: str) -> list[str]:
     return sorted(found)
 
 
-def dev_root(path: str, split: str) -> str:
-    """Where to look for the dev split of a benchmark file: its folder, or the folder above when the file
-    sits in a folder named after its split (cmmlu/test/anatomy.csv -> cmmlu/)."""
+def dev_files_beside(path: str, fmt: str, split: str) -> list[str]:
+    """The dev files a benchmark file's own layout puts beside it, found without walking any folder:
+    `*_dev.<ext>` in its folder (C-Eval's flat layout), and the files of a `dev` folder beside its folder when
+    that is named after its split (ceval/val/x_val.csv -> ceval/dev/, cmmlu/test/anatomy.csv -> cmmlu/dev/)."""
+    suffix = FILE_SUFFIX[fmt]
     folder = os.path.dirname(os.path.abspath(path))
-    return os.path.dirname(folder) if split in _path_words(os.path.basename(folder)) else folder
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), f"*_dev{suffix}")))
+    dev_folder = os.path.join(os.path.dirname(folder), "dev")
+    if split in _path_words(os.path.basename(folder)) and os.path.isdir(dev_folder):
+        found += sorted(os.path.join(dev_folder, n) for n in os.listdir(dev_folder) if n.endswith(suffix))
+    return [f for f in found if os.path.isfile(f)]
 
 
-def read_local(fmt: str, path: str, split: str, dev_path: str | None) -> Benchmark:
+def read_dev(bench: Benchmark, fmt: str, files: list[str], asked: bool) -> None:
+    """k-shot examples from dev files. A file found by layout (not named with --dev) that does not parse is
+    reported and skipped: a malformed file nobody asked for never stops a run."""
+    dev_skipped: Counter = Counter()   # skipped dev items are not part of the score
+    for file in files:
+        try:
+            questions = read_benchmark_file(file, fmt, _subject_of(file, fmt), dev_skipped)
+        except BenchError as exc:
+            if asked:
+                raise
+            print(f"warning: dev file {file} skipped ({exc}); pass --dev=PATH to choose the k-shot examples",
+                  file=sys.stderr)
+            continue
+        for question in questions:
+            bench.dev.setdefault(question.subject, []).append(question)
+
+
+def read_local(fmt: str, path: str, split: str, dev_path: str | None, shots: int | None = None) -> Benchmark:
+    """The questions of a file, or of a folder's files of `split`; dev examples unless shots == 0: from --dev,
+    from the folder's dev files, or from where the file's layout puts them (dev_files_beside)."""
     bench = Benchmark(f"{fmt}:{path}", split, [])
     files = [path] if os.path.isfile(path) else split_files(path, fmt, split)
     if not files:
@@ -288,14 +316,13 @@ def read_local(fmt: str, path: str, split: str, dev_path: str | None) -> Benchma
                          f"when the split's name is a word of its path); choose one with --split")
     for file in files:
         bench.questions += read_benchmark_file(file, fmt, _subject_of(file, fmt), bench.skipped)
+    if shots == 0:
+        return bench
     if dev_path:
         dev_files = [dev_path] if os.path.isfile(dev_path) else split_files(dev_path, fmt, "dev")
     else:
-        dev_files = split_files(path if os.path.isdir(path) else dev_root(path, split), fmt, "dev")
-    dev_skipped: Counter = Counter()   # skipped dev items are not part of the score
-    for file in dev_files:
-        for question in read_benchmark_file(file, fmt, _subject_of(file, fmt), dev_skipped):
-            bench.dev.setdefault(question.subject, []).append(question)
+        dev_files = split_files(path, fmt, "dev") if os.path.isdir(path) else dev_files_beside(path, fmt, split)
+    read_dev(bench, fmt, dev_files, asked=bool(dev_path))
     return bench
 
 
@@ -345,8 +372,9 @@ def read_hub(fmt: str, name: str, split: str, subjects: list[str] | None, shots:
 
 
 def load_benchmark(spec: str, split: str | None = None, subjects: list[str] | None = None,
-                   dev_path: str | None = None, shots: int = 0) -> Benchmark:
-    """Read `FORMAT:PATH_OR_HUB_NAME`; subjects filters by subject (["medical"] = MEDICAL_SUBJECTS)."""
+                   dev_path: str | None = None, shots: int | None = None) -> Benchmark:
+    """Read `FORMAT:PATH_OR_HUB_NAME`; subjects filters by subject (["medical"] = MEDICAL_SUBJECTS). shots: the
+    k-shot examples the run takes; 0 reads no dev data, None (a caller that does not say) reads what exists."""
     fmt, _, where = spec.partition(":")
     if fmt not in FORMATS or not where:
         raise BenchError(f"--bench={spec}: expected FORMAT:PATH_OR_HUB_NAME with FORMAT one of {', '.join(FORMATS)}")
@@ -354,7 +382,7 @@ def load_benchmark(spec: str, split: str | None = None, subjects: list[str] | No
     if subjects == ["medical"]:
         subjects = MEDICAL_SUBJECTS.get(fmt)
     if os.path.exists(where):
-        bench = read_local(fmt, where, split, dev_path)
+        bench = read_local(fmt, where, split, dev_path, shots)
     elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", where) and not where.endswith(FILE_SUFFIX[fmt]):
         bench = read_hub(fmt, where, split, subjects, shots)
     else:
