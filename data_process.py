@@ -455,6 +455,8 @@ class Run:
     def finish(self) -> None:
         """Commit as done, then move each partial file into place and write its manifest. An empty val
         split is not published (pretrain.py would pick it up and find no window in it)."""
+        if not any(s.documents for s in self.stats):
+            self._nothing_usable()
         if not self.done:
             self.commit(done=True)
             self.partials.close()
@@ -466,6 +468,19 @@ class Run:
             self._no_val_split()
         _remove(self.partials.paths["digests"])
         _remove(self.partials.state_path)
+
+    def _nothing_usable(self) -> None:
+        """No training document survived: write nothing, leave no partial file, and say what was read."""
+        self.partials.close()
+        for path in [*self.partials.paths.values(), self.partials.state_path]:
+            _remove(path)
+        read = sum(s.documents_read for s in self.stats)
+        malformed = sum(sum(self.skiplog.counts(label).values()) for label in self.labels)
+        raise CorpusError(
+            f"no usable document in {', '.join(s.spec for s in self.opts.sources)}: {read:,} record(s) read, "
+            f"{malformed:,} malformed, {sum(s.too_short for s in self.stats):,} too short (--min-tokens), "
+            f"{sum(s.duplicate for s in self.stats):,} duplicate, {sum(s.val_documents for s in self.stats):,} held "
+            f"out for validation; nothing written to {self.opts.out}")
 
     def _publish(self, split: str, final: str) -> None:
         if os.path.exists(final + ".partial"):

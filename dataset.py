@@ -24,6 +24,11 @@ can fall inside a batch (nothing is dropped or repeated to make epochs divide ev
 number, `position` (stream positions all ranks have read together), the same on every rank and for any world
 size: a run resumed on another number of ranks continues the stream exactly, each window still once per epoch.
 
+Validation. eval_batches(n) scores about n windows chosen by eval_windows: per source (the manifest records
+where each data_process.py --corpus sits in the file; a window counts for the source of its first token), a
+share proportional to the source's size, spread evenly over it. The choice depends on the file only, so every
+world size scores the same windows, and every source is scored.
+
 Manifest policy. A .bin whose manifest names another tokenizer than the run's is refused (one line naming both).
 A .bin without a manifest (e.g. made by the seed project) is accepted with a warning when the run names its
 tokenizer (--tokenizer): its largest token id is then checked against that vocabulary instead. Without either,

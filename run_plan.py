@@ -111,9 +111,7 @@ def _continue(cfg: TrainConfig, saved: dict, before: dict, num_samples: int) -> 
                f"then {plan.min_lr:g}); give --lr_decay_iters (or --lr / --min_lr / --warmup_iters) to change it")
         notes.append(f"run length: {old:,} -> {plan.max_iters:,} steps of {plan.tokens_per_iter:,} tokens; {how}")
     if _changed(cfg, before, "lr") or _changed(cfg, before, "min_lr"):
-        if not 0 <= cfg.min_lr <= cfg.lr:
-            raise ConfigError(f"--lr={cfg.lr} --min_lr={cfg.min_lr}: need 0 <= min_lr <= lr")
-        plan.lr, plan.min_lr = cfg.lr, cfg.min_lr
+        plan.lr, plan.min_lr = cfg.lr, cfg.min_lr   # TrainConfig checked 0 <= min_lr <= lr
     if _changed(cfg, before, "warmup_iters"):
         plan.warmup_iters = _default_warmup(cfg, plan.max_iters)
     if _changed(cfg, before, "lr_decay_iters"):
@@ -143,6 +141,8 @@ def _geometry(plan: Plan, cfg: TrainConfig, before: dict, world_size: int) -> li
     else:
         accum = max(1, round(plan.tokens_per_iter / per_micro))
     plan.grad_accum_steps, plan.step_tokens = accum, per_micro * accum
+    if plan.step_tokens == plan.tokens_per_iter:
+        return []
     why = "as asked" if asked else (f"{plan.tokens_per_iter:,} is no multiple of micro_batch_size x seq_len x "
                                     f"{world_size} ranks = {per_micro:,}")
     return [f"note: steps of {plan.step_tokens:,} tokens instead of the plan's {plan.tokens_per_iter:,} ({why}); "

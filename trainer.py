@@ -16,7 +16,9 @@ The config lives in train_config.py, precision in precision.py, checkpoint files
 
 A stage script builds its BatchSources (dataset.PretrainDataset, dataset_sft.SFTDataset) after
 setup_distributed() and hands them to train(), which owns everything else: the model, resume / init_from,
-DDP or FSDP, mixed precision, the optimizer and LR schedule, evaluation, checkpoints and logs.
+DDP or FSDP, mixed precision, the optimizer and LR schedule, evaluation, checkpoints and logs. The run's
+plan (steps, tokens per step, schedule; run_plan.py) is fixed at the first start and continued by every
+resume, on any world size, and by an extension.
 
 One optimizer step = grad_accum_steps micro batches per rank. Its loss is the sum of token losses over all
 micro batches of all ranks divided by the number of target tokens among them (all-reduced before the
@@ -49,7 +51,7 @@ from chatglm_tokenizer import TokenizerError, check_same_tokenizer
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
 from model import CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file, model_args_from_preset
 from precision import Precision, choose_precision, peak_flops
-from run_plan import Plan, get_lr, resolve_plan
+from run_plan import Plan, resolve_plan
 from train_config import ConfigError, TrainConfig, TrainError, format_config, parse_config, given_flags
 
 # how a run was started, not how it trains: a resumed run never takes these from its checkpoint's config
@@ -422,7 +424,10 @@ def save_checkpoint(run: Run) -> None:
                      "data_state": data_state, "rng": rngs, "skipped_steps": run.skipped_steps,
                      **_checkpoint_meta(run)}, path)
         link_or_copy(path, os.path.join(run.cfg.out_dir, CKPT_LATEST))
-        for _, old in step_checkpoints(run.cfg.out_dir)[run.cfg.keep_last:]:
+        # ckpt_N.pt of a later step than this one are what a resume skipped as unreadable: left for a look,
+        # never counted among the keep_last newest (counting them would prune the checkpoint just written)
+        written = [old for step, old in step_checkpoints(run.cfg.out_dir) if step <= run.step]
+        for old in written[run.cfg.keep_last:]:
             os.remove(old)
     _on_rank0(run.ctx, write)
     if run.logger is not None:

@@ -182,3 +182,21 @@ def test_extending_a_finished_run_keeps_its_final_lr_unless_the_schedule_is_chan
     assert lrs[13] == pytest.approx(get_lr(12, 3e-3, min_lr, 0, 16)) and lrs[13] > 2 * min_lr
     assert "the schedule changes with --lr_decay_iters" in printed
     assert f"-> {lrs[13]:.3e} at step 13 (the next)" in printed
+
+
+def test_keep_last_after_a_fallback_never_prunes_the_checkpoint_just_written(tmp_path, monkeypatch, capsys):
+    """ckpt_8 is corrupt, so the resume falls back to ckpt_4; with keep_last=1 the step-6 checkpoint used to be
+    pruned as older than the corrupt ckpt_8, leaving nothing to resume from after a crash."""
+    data = make_epoch_data(tmp_path / "data")
+    out = tmp_path / "out"
+    pretrain.main(flags(data, out, max_iters=8, eval_interval=100))   # ckpt_4 and ckpt_8 (save_interval 4)
+    os.remove(out / "ckpt.pt")                                        # a crash while writing step 8
+    with open(out / "ckpt_0000008.pt", "r+b") as f:
+        f.truncate(1000)
+    kill_after(monkeypatch, 6)
+    with pytest.raises(Killed):
+        pretrain.main(["--resume", f"--out_dir={out}", "--keep_last=1", "--save_interval=2"])
+    assert "resuming from the previous checkpoint" in capsys.readouterr().err
+    assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_0000006.pt", "ckpt_0000008.pt"]
+    monkeypatch.undo()
+    assert pretrain.main(["--resume", f"--out_dir={out}"])["step"] == 8   # continues from step 6
