@@ -304,6 +304,20 @@ def print_samples(model: Transformer, tokenizer: ChatGLMTokenizer, args: argpars
         print()
 
 
+def measure(model: Transformer, tokenizer: ChatGLMTokenizer, data: str, args: argparse.Namespace,
+            device: str) -> tuple[PerplexityReport, dict[str, PerplexityReport]]:
+    """The report of `data`, and one per source when it is a .bin whose manifest records several."""
+    tokens = load_eval_tokens(data, tokenizer, args.max_tokens, args.text_field, model.args.vocab_size)
+    layout = source_layout(data, os.path.getsize(data) // 2) if data.endswith(".bin") else []
+    if len(layout) > 1:
+        per_source = source_reports(model, tokenizer, tokens, data, layout, args.stride, args.batch_size, device,
+                                    lambda: autocast_for(device, args.dtype))
+        if len(per_source) > 1:
+            return combined_report(list(per_source.values()), tokens, data), per_source
+    return perplexity_report(model, tokenizer, tokens, data, args.stride, args.batch_size, device,
+                             autocast_for(device, args.dtype)), {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -318,17 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None and not os.path.isfile(data):
         print(f"perplexity skipped: {data} not found (make it with data_process.py, or pass --data=FILE)")
         return 0
-    tokens = load_eval_tokens(data, tokenizer, args.max_tokens, args.text_field, model.args.vocab_size)
-    layout = source_layout(data, os.path.getsize(data) // 2) if data.endswith(".bin") else []
-    per_source = source_reports(model, tokenizer, tokens, data, layout, args.stride, args.batch_size, device,
-                                lambda: autocast_for(device, args.dtype)) if len(layout) > 1 else {}
-    if len(per_source) > 1:
-        report = combined_report(list(per_source.values()), tokens, data)
-    else:
-        report = perplexity_report(model, tokenizer, tokens, data, args.stride, args.batch_size, device,
-                                   autocast_for(device, args.dtype))
+    report, per_source = measure(model, tokenizer, data, args, device)
     print(format_report(report))
-    if len(per_source) > 1:
+    if per_source:
         print(format_sources(per_source))
     if args.out:
         result = asdict(report) | ({"sources": {k: asdict(r) for k, r in per_source.items()}} if per_source else {})
