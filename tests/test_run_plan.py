@@ -16,11 +16,15 @@ import numpy as np
 import pytest
 
 import pretrain
+import sft
 import trainer
 from conftest import torchrun
 from dataset import PretrainDataset
+from dataset_sft import SFTDataset
 from run_plan import get_lr, resolve_plan
 from test_dataset import write_bin
+from test_sft import flags as sft_flags
+from test_sft import init_weights, load as load_ckpt, sample_csv, small_tokenizer  # noqa: F401 (fixtures)
 from test_trainer import flags
 from train_config import TrainConfig
 
@@ -53,6 +57,9 @@ def save_checkpoint(run):
 trainer.save_checkpoint = save_checkpoint
 sys.exit(trainer.run_cli(pretrain.main, sys.argv[1:]))
 """
+
+
+REAL_SAVE = trainer.save_checkpoint
 
 
 class Killed(Exception):
@@ -200,3 +207,35 @@ def test_keep_last_after_a_fallback_never_prunes_the_checkpoint_just_written(tmp
     assert sorted(n for n in os.listdir(out) if n.startswith("ckpt_")) == ["ckpt_0000006.pt", "ckpt_0000008.pt"]
     monkeypatch.undo()
     assert pretrain.main(["--resume", f"--out_dir={out}"])["step"] == 8   # continues from step 6
+
+
+def test_sft_resumed_with_another_micro_batch_keeps_the_plan_and_reads_every_sample_once(
+        sample_csv, small_tokenizer, init_weights, tmp_path, monkeypatch):
+    """SFT killed after 4 steps of micro batch 2 x 2 accumulation, resumed with micro batch 4 (what another
+    world size or a memory limit asks): accumulation 1 keeps 4 samples a step, the epoch's samples are each read
+    once, and the LR is the plan's at every step. Before, the order was re-cut by the new batch and the
+    position mapped by fraction (samples replayed or skipped)."""
+    seen: list[int] = []
+    real_next = SFTDataset.next_batch
+
+    def next_batch(self):
+        epoch, offset = self.epoch, self._offset
+        batch = real_next(self)
+        taken = self._epoch_stream(epoch)[offset:offset + self.world_size * self.micro_batch_size]
+        seen.extend(int(k) for k in self.samples.keys[taken])
+        return batch
+    monkeypatch.setattr(SFTDataset, "next_batch", next_batch)
+    out = tmp_path / "sft"
+    run = dict(init_from=init_weights, max_iters=0, epochs=1, warmup_iters=2, lr_decay_iters=0, eval_interval=100,
+               save_interval=4)
+    kill_after(monkeypatch, STOP)
+    with pytest.raises(Killed):
+        sft.main(sft_flags(sample_csv, small_tokenizer, out, **run))
+    monkeypatch.setattr(trainer, "save_checkpoint", REAL_SAVE)   # no more kills
+    summary = sft.main(["--resume", f"--out_dir={out}", "--micro_batch_size=4"])
+    n = load_ckpt(out / "ckpt.pt")["data_state"]["num_samples"]
+    steps = -(-n // 4)
+    assert summary["step"] == steps and len(seen) == len(set(seen)) == n   # the epoch's samples, each once
+    # (the epoch's last micro batch is short: nothing is repeated to fill it)
+    lrs = {r["step"]: r["lr"] for r in trainer.read_metrics(str(out / "metrics.jsonl")) if "lr" in r}
+    assert lrs == pytest.approx({s: get_lr(s - 1, 1e-2, 1e-3, 2, steps) for s in range(1, steps + 1)})
