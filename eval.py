@@ -9,17 +9,26 @@
     python eval.py --ckpt=out/sft/ckpt.pt --bench=cmb:path/to/CMB-val-merge.json --layout=sft
     python eval.py --ckpt=out/sft/ckpt.pt --bench=ceval:ceval/ceval-exam --subjects=medical   # hub (online)
     python eval.py --decontam --bench=ceval:data/bench_sample --against=sft_data/sft_data.csv
+    python eval.py --bench=ceval:path/to/ceval-exam --shots=5 --export_lmeval=out/lmeval_ceval   # lm-eval tasks
 
 Benchmark scoring follows lm-evaluation-harness: each option is a continuation of one context and gets the
 summed log-probability of its tokens, tokenized together with the context (never the logit of a lone
-letter token: SentencePiece spells "A" after "：" and "▁A" at a word start differently).
+letter token: SentencePiece spells "A" after "：" and "▁A" at a word start differently). Two prompt templates:
+- --template=lm-eval (the default for letter choices in the plain layout): lm-evaluation-harness's own
+  ceval-valid_* and cmmlu_* tasks, item for item (description, first k dev items, " " before the letter,
+  no document-start token, left truncation to max_seq_len); cmb, cmexam and medqa get the analogous
+  template (lmeval_tasks.py says which). Scores from it stand beside published lm-eval scores, and
+  --export_lmeval=DIR writes the benchmark as an lm-eval task folder that gives the same numbers there.
+- --template=native: this project's own (the C-Eval paper's header "以下是中国关于{科目}考试的…", no space
+  before the letter), with the choices and layouts below; the default with --choice=text or --layout=sft,
+  which lm-eval's tasks do not have.
 - --choice=letter (default, the C-Eval/CMMLU convention): the context lists the options and ends in
   "答案："; the continuations are the letters. acc_norm then equals acc (all one byte).
 - --choice=text (cloze): the context is the question and "答案："; the continuations are the option texts.
 - acc picks the highest summed log-probability; acc_norm divides it by the continuation's UTF-8 bytes.
 - 95% intervals are Wilson score intervals; "overall" pools all items (micro average). chance is the
   mean over items of 1/options.
-- --layout=plain puts an `<eos>` (document start) before the prompt, for pretrained models;
+- --layout=plain (native) puts an `<eos>` (document start) before the prompt, for pretrained models;
   --layout=sft uses `prompt <bos> answer`, with k-shot examples as earlier turns, for SFT models.
 
 Formats (a file, a folder, or a Hugging Face dataset name via datasets.load_dataset):

@@ -7,7 +7,7 @@
         --tasks lmeval_ceval --include_path out/lmeval_ceval
 
 lm-eval 0.4's `ceval-valid_*` and `cmmlu_*` tasks (lm_eval/tasks/ceval, lm_eval/tasks/cmmlu) build a context as
-    description + (doc_to_text(shot) + " " + shot's letter + "\\n\\n") for each of the first k dev items + doc_to_text(item)
+    description + (doc_to_text(shot) + " " + its letter + "\\n\\n" for the first k dev items) + doc_to_text(item)
 with doc_to_text = "{question.strip()}\\nA. {A}\\nB. {B}\\nC. {C}\\nD. {D}\\n答案：", and score each option as the
 continuation " " + letter (target delimiter " "); the description names the subject:
     ceval  以下是中国关于{科目}的单项选择题，请选出其中的正确答案。\\n\\n
