@@ -151,6 +151,11 @@ def test_subject_names_are_lm_evals(lm_eval):
         for name in names:
             config = yaml.safe_load(open(os.path.join(folder, name), encoding="utf-8"))
             assert lmeval_tasks.description(fmt, config["dataset_name"]) == config["description"], name
+    # the analogous template (lm-eval has no such tasks): C-Eval's wording, cmb's exam subject, else 医学
+    ceval_clinical = lmeval_tasks.description("ceval", "clinical_medicine")
+    assert lmeval_tasks.description("cmb", "临床执业医师") == ceval_clinical.replace("临床医学", "临床执业医师")
+    assert lmeval_tasks.description("medqa", "medqa") == lmeval_tasks.description("cmexam", "cmexam") == \
+        ceval_clinical.replace("临床医学", "医学")
 
 
 def test_eval_matches_lm_eval_item_for_item(lm_eval, trained, data, tmp_path, capsys, monkeypatch):
