@@ -827,6 +827,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--decontam needs --bench=FORMAT:PATH and --against=TRAINING_FILE")
     if args.export_lmeval and not args.bench:
         parser.error("--export_lmeval needs --bench=FORMAT:PATH")
+    if args.export_lmeval and args.decontam:
+        parser.error("--export_lmeval and --decontam are separate runs")
     native_only = [flag for flag, on in (("--layout=sft", args.layout == "sft"),
                                          ("--choice=text", args.choice == "text")) if on]
     if args.template is None:
@@ -848,8 +850,8 @@ def export_lmeval(bench: Benchmark, folder: str, shots: int) -> None:
     for subject in sorted({q.subject for q in bench.questions}):
         shots_for(bench, subject, shots)   # enough dev items for every subject, or one line saying not
     group, tasks = write_task_folder(folder, bench.fmt, bench.split, bench.questions, bench.dev, shots)
-    print(f"wrote {folder}: lm-eval group {group} ({len(tasks)} tasks, {len(bench.questions)} items of "
-          f"{bench.name} split {bench.split}, {shots}-shot)")
+    print(f"wrote {folder}: lm-eval group {group} ({len(tasks)} subject task{'s' * (len(tasks) > 1)}, "
+          f"{len(bench.questions)} items of {bench.name} split {bench.split}, {shots}-shot)")
     print(f"score a Hugging Face model folder with it (offline: HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1):\n"
           f"  lm_eval run --model hf --model_args pretrained=out/hf,trust_remote_code=True --tasks {group} "
           f"--include_path {folder}")

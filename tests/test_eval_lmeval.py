@@ -44,16 +44,20 @@ def offline():
 
 
 @pytest.fixture(scope="module")
-def lm_eval():
-    """lm-evaluation-harness (a test dependency in requirements.txt; its absence fails CI, skips elsewhere)."""
+def lm_eval(tmp_path_factory):
+    """lm-evaluation-harness (a test dependency in requirements.txt; its absence fails CI, skips elsewhere).
+    The datasets it builds from the tests' files are cached in a temporary folder, not in ~/.cache."""
     try:
+        import datasets
         import lm_eval
         import lm_eval.evaluator   # noqa: F401  (simple_evaluate)
     except ImportError as exc:
         if os.environ.get("MCG_REQUIRE_SHARED") == "1":
             pytest.fail(f"MCG_REQUIRE_SHARED=1 but lm-evaluation-harness is not installed ({exc})")
         pytest.skip(f"lm-evaluation-harness is not installed ({exc}); pip install -r requirements.txt")
-    return lm_eval
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets_cache")))
+        yield lm_eval
 
 
 def lmeval_yaml(lm_eval, *parts: str) -> str:
@@ -236,6 +240,9 @@ def test_template_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(["--export_lmeval=x"])
     assert "--export_lmeval needs --bench" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--bench=ceval:x", "--export_lmeval=x", "--decontam", "--against=y"])
+    assert "separate runs" in capsys.readouterr().err
     bench = f"medqa:{REPO}/tests/fixtures/bench/medqa"   # 1 dev item: 2-shot is refused before anything is written
     assert ev.run_main(ev.main, [f"--bench={bench}", "--shots=2", f"--export_lmeval={tmp_path / 'x'}"]) == 1
     assert "--shots=2" in capsys.readouterr().err and not os.listdir(tmp_path)
