@@ -42,6 +42,10 @@ def make_csv(folder: str) -> str:
     return out
 
 
+def val_loss(run: trainer.Run) -> float:
+    return trainer.evaluate(run)["val_loss"]
+
+
 def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str, accum: int) -> dict:
     """A trainer Run in one mode (same seed, so the same initial weights) and the counters of its progress."""
     argv = [f"--data={csv}", f"--out_dir={out_dir}", f"--preset={opts.preset}", f"--seq_len={opts.seq_len}",
@@ -54,7 +58,7 @@ def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str, acc
     model_args = trainer.resolve_model_args(cfg, ctx, identity)
     train_ds, val_ds = sft.build_datasets(cfg, load_tokenizer(opts.tokenizer), model_args.max_seq_len, 0, 1)
     run, _ = trainer.build_run(cfg, ctx, model_args, train_ds, val_ds, identity)
-    mode = {"pack": pack, "run": run, "step": 0, "answers": 0, "seconds": 0.0, "curve": [(0, trainer.evaluate(run))]}
+    mode = {"pack": pack, "run": run, "step": 0, "answers": 0, "seconds": 0.0, "curve": [(0, val_loss(run))]}
     next_batch = train_ds.next_batch
 
     def counting_next_batch():
@@ -68,13 +72,13 @@ def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str, acc
 def step_mode(mode: dict) -> None:
     """One timed optimizer step; the validation loss at each quarter of the run."""
     run = mode["run"]
-    lr = trainer.get_lr(mode["step"], run.cfg.lr, run.cfg.min_lr, run.plan.warmup_iters, run.plan.lr_decay_iters)
+    lr = run.plan.lr_at(mode["step"] * run.plan.tokens_per_iter)
     start = time.perf_counter()
     trainer.train_step(run, lr)
     mode["seconds"] += time.perf_counter() - start
     mode["step"] += 1
     if mode["step"] in {max(1, run.plan.max_iters * k // 4) for k in (1, 2, 3, 4)}:
-        mode["curve"].append((mode["answers"], trainer.evaluate(run)))
+        mode["curve"].append((mode["answers"], val_loss(run)))
 
 
 def train_both(modes: list[dict]) -> None:
