@@ -43,7 +43,7 @@ stage "3/8 build the SFT data" \
   $PYTHON sft_data_process.py --out "$SFT_CSV"
 stage "4/8 supervised fine-tuning" \
   $PYTHON sft.py --init_from="$PRE_OUT/ckpt.pt" --data="$SFT_CSV" --out_dir="$SFT_OUT" --max_iters="$SFT_ITERS" \
-    --micro_batch_size=8 --grad_accum_steps=1 --seq_len=256 --lr=1e-3 --min_lr=1e-4 --warmup_iters=10 \
+    --micro_batch_size=3 --grad_accum_steps=1 --seq_len=256 --lr=1e-3 --min_lr=1e-4 --warmup_iters=10 \
     --eval_interval=40 --eval_iters=5 --save_interval=40 --log_interval=20 --overwrite
 stage "5/8 perplexity, bits per byte and a continuation" \
   $PYTHON eval_pretrain.py --ckpt="$PRE_OUT/ckpt.pt" --data="$ROOT/data/pretrain_val.bin" --max_new_tokens=40
@@ -64,6 +64,7 @@ prompt = torch.tensor([tok.encode('感冒了应该怎么办？') + [tok.special_
 # comparing two empty answers would prove nothing
 greedy = copy.deepcopy(hf_model.generation_config)
 greedy.update(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+hf_model.generation_config.eos_token_id = None   # generate() falls back to it for a None
 hf_ids = hf_model.generate(prompt, generation_config=greedy)[0, prompt.shape[1]:].tolist()
 ours = load_model(ckpt)[0].generate(prompt, max_new_tokens=20, temperature=0, eos_id=None)[0].tolist()
 print('transformers:', hf_ids)
