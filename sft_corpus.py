@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol, TextIO, TypeVa
 
 from tqdm import tqdm
 
-from corpus_io import READ_ERRORS, BadRecord, CorpusError, SkipLog, expand_paths, iter_records, json_type, str_field
+from corpus_io import (READ_ERRORS, BadRecord, CorpusError, SkipLog, expand_paths, file_layout, iter_records, json_type,
+                       str_field)
 
 # json.loads accepts "\ud83d" escapes that are not characters; they cannot be written as UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -63,7 +64,8 @@ def history_json(turns: list[tuple[str, str]]) -> str:
 
 @dataclass(frozen=True)
 class Reader:
-    """A named corpus format: its file layout (corpus_io) and how one record becomes the stage's row."""
+    """A named corpus format: its file layout (a corpus_io layout, or "auto": by each file's name and first
+    byte, corpus_io.file_layout) and how one record becomes the stage's row."""
     name: str
     layout: str
     parse: Callable[[Any], Any]
@@ -100,7 +102,8 @@ class Counts(Protocol):
 def iter_parsed(path: str, source: str, reader: Reader, skiplog: SkipLog, stats: Counts) -> Iterator[Any]:
     """reader.parse of each well-formed record of one file; malformed records go to `skiplog` (which raises
     in strict mode) and count in stats.malformed; every record counts in stats.read."""
-    records = tqdm(iter_records(path, reader.layout), desc=f"{source} {os.path.basename(path)}",
+    layout = file_layout(path) if reader.layout == "auto" else reader.layout
+    records = tqdm(iter_records(path, layout), desc=f"{source} {os.path.basename(path)}",
                    unit=" rec", mininterval=1.0)
     try:
         for record in records:
