@@ -587,13 +587,47 @@ def _read_weights(path: str, n_heads: int, max_seq_len: int | None) -> tuple[dic
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: bad model_args in checkpoint ({_first_line(exc)})") from None
         meta = {"kind": "checkpoint", "tokenizer": obj.get("tokenizer"), "config": obj.get("config")}
-        return _strip_prefixes(obj["model"]), args, meta
+        state = _strip_prefixes(obj["model"])
+        if obj.get("lora"):
+            meta["lora"] = obj["lora"]
+            state = _merge_lora_checkpoint(path, obj["lora"], state, args, n_heads)
+        return state, args, meta
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = _strip_prefixes(obj)
         if "tok_embeddings.weight" in state and "layers.0.attention.wq.weight" in state:
             args = _args_from_state_dict(state, path, n_heads, max_seq_len)
             return state, args, {"kind": "state_dict", "tokenizer": None, "config": None}
     raise CheckpointError(f"{path}: loaded, but holds neither a checkpoint nor model weights; {_WHAT_LOADS}")
+
+
+def lora_base_path(path: str, lora: dict) -> str:
+    """The base weights a LoRA checkpoint at `path` was trained on, found where it was (as given, then
+    absolute), checked against its sha256. CheckpointError when missing or changed."""
+    from lora import weights_sha256
+    base = lora["base"]
+    found = next((p for p in (base["path"], base.get("abspath", "")) if p and os.path.exists(p)), None)
+    if found is None:
+        raise CheckpointError(f"{path} holds LoRA adapters for the base weights {base['path']} (sha256 "
+                              f"{base['sha256'][:12]}…), which are not there; put them back or export the merged "
+                              f"model where they are")
+    if weights_sha256(found) != base["sha256"]:
+        raise CheckpointError(f"{path} holds LoRA adapters for {base['path']} with sha256 {base['sha256'][:12]}…, "
+                              f"but {found} has changed since (sha256 {weights_sha256(found)[:12]}…)")
+    return found
+
+
+def _merge_lora_checkpoint(path: str, lora: dict, adapters: dict, args: ModelArgs, n_heads: int) -> dict:
+    """A LoRA checkpoint's full weights: its base (read like any weights, itself possibly LoRA) with the
+    adapters folded in."""
+    from lora import merge_state_dict
+    base_state, base_args, _ = _read_weights(lora_base_path(path, lora), n_heads, None)
+    if (base_args.dim, base_args.n_layers, base_args.vocab_size) != (args.dim, args.n_layers, args.vocab_size):
+        raise CheckpointError(f"{path}: its base {lora['base']['path']} has another shape ({asdict(base_args)})")
+    try:
+        return merge_state_dict(_normalise_state(base_state, base_args), adapters, lora["alpha"] / lora["rank"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: adapters do not fit the base {lora['base']['path']} "
+                              f"({_first_line(exc)})") from None
 
 
 def _normalise_state(state: dict, args: ModelArgs) -> dict:

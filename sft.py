@@ -20,24 +20,11 @@ duplicates share a split), or all of --val_data's rows; --val_data=none turns it
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_identity
-from dataset_sft import DEFAULT_BUCKET_BATCHES, SFTDataError, SFTDataset, build_sft_datasets
-from train_config import ConfigError, TrainConfig
+from dataset_sft import SFTDataError, SFTDataset, build_sft_datasets, train_and_val
+from train_config import ConfigError, SFTConfig
 from trainer import configure, recorded_tokenizer, resolve_model_args, run_cli, train
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """TrainConfig plus the SFT data options."""
-
-    val_data: str = ""
-    """Validation CSV (all its rows); '' = a held-out --val_fraction of --data's rows; 'none' = off."""
-    val_fraction: float = 0.01
-    """Share of --data's rows held out for the validation loss (by a hash of each row); ignored with --val_data."""
-    bucket_batches: int = DEFAULT_BUCKET_BATCHES
-    """Length grouping: samples are sorted by length within buckets of this many global batches (1 = none)."""
 
 
 # The seed project's fine-tuning settings: 2 epochs at lr 2e-5 (cosine to a tenth), light weight decay.
@@ -52,19 +39,7 @@ def build_datasets(cfg: SFTConfig, tokenizer, max_seq_len: int, rank: int,
     def build(path: str, val_fraction: float):
         return build_sft_datasets(path, tokenizer, max_seq_len, cfg.micro_batch_size, rank, world_size,
                                   cfg.seed, val_fraction, cfg.bucket_batches, progress=rank == 0)
-    separate_val = cfg.val_data.lower() not in ("", "none")
-    train_ds, val_ds, stats = build(cfg.data, 0.0 if cfg.val_data else cfg.val_fraction)
-    if rank == 0:
-        print(stats.describe())
-    if separate_val:
-        # every row of --val_data is validation: its "train" split at fraction 0 holds them all
-        val_ds, _, val_stats = build(cfg.val_data, 0.0)
-        if rank == 0:
-            print(val_stats.describe() + " (all used for validation)")
-    if val_ds is None and rank == 0:
-        why = "--val_data=none" if cfg.val_data else f"--val_fraction={cfg.val_fraction} selected no row"
-        print(f"note: no validation data ({why}): no val loss, no best.pt", file=sys.stderr)
-    return train_ds, val_ds
+    return train_and_val(cfg.data, cfg.val_data, cfg.val_fraction, build, rank)
 
 
 def main(argv: list[str]) -> dict:

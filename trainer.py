@@ -47,7 +47,9 @@ from checkpoint import (CKPT_BEST, CKPT_LATEST, atomic_save, find_checkpoint, li
                         set_rng_state, step_checkpoints)
 from chatglm_tokenizer import TokenizerError, check_same_tokenizer
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
-from model import CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file, model_args_from_preset
+from lora import ADAPTER_SUFFIXES, adapter_state, apply_lora, count_parameters, weights_sha256
+from model import (CheckpointError, ModelArgs, Transformer, lora_base_path, load_model, load_state_dict_file,
+                   model_args_from_preset)
 from precision import Precision, choose_precision, peak_flops
 from train_config import ConfigError, TrainConfig, TrainError, format_config, parse_config, given_flags
 
@@ -197,6 +199,30 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class StageLoss(Protocol):
+    """What a stage minimises (train() defaults to TokenLoss). A step's loss is the sum of __call__ over its micro
+    batches, all ranks, divided by the global sum of count(y): the units the loss is a mean over (target tokens
+    for language modelling, preference pairs for DPO). Named metrics are summed the same way (take_metrics) and
+    logged as means over those units."""
+
+    def count(self, y: torch.Tensor) -> int: ...
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def take_metrics(self) -> dict[str, torch.Tensor]: ...   # sums since the last call, then reset
+
+
+class TokenLoss:
+    """Pretraining and SFT: summed cross-entropy over the target tokens (y != -100); the step averages per token."""
+
+    def count(self, y: torch.Tensor) -> int:
+        return int((y != -100).sum())
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, y, reduction="sum")[1]
+
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 # ------------------------------------------------------------------------------------ model shape
@@ -414,6 +440,9 @@ class Run:
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     metrics: dict = field(default_factory=dict)
+    loss_fn: StageLoss = field(default_factory=TokenLoss)
+    lora: dict | None = None          # LoRA: rank, alpha, dropout, targets and the base weights' identity
+    val_metrics: dict = field(default_factory=dict)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -425,6 +454,8 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _full_model_state(run: Run) -> dict:
     """fp32 weights as a full state dict on rank 0's CPU (a collective under FSDP: every rank calls it)."""
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.lora:   # the base weights are frozen and identified by their sha256: the adapters are the run
+        return adapter_state(state)
     if state and run.model_args.tie_embeddings:   # store the tied matrix once
         state["output.weight"] = state["tok_embeddings.weight"]
     return state
@@ -433,7 +464,7 @@ def _full_model_state(run: Run) -> dict:
 def _checkpoint_meta(run: Run) -> dict:
     return {"model_args": asdict(run.model_args), "config": asdict(run.cfg), "tokenizer": run.tokenizer,
             "step": run.step, "tokens_seen": run.tokens_seen, "best_val_loss": run.best_val_loss,
-            "world_size": run.ctx.world_size}
+            "world_size": run.ctx.world_size, **({"lora": run.lora} if run.lora else {})}
 
 
 def save_checkpoint(run: Run) -> None:
@@ -478,10 +509,11 @@ def evaluate(run: Run) -> float | None:
     for x, y in batches[:int(count.item())]:
         x, y = _to_device(x, device), _to_device(y, device)
         with run.precision.autocast(device):
-            _, loss = model(x, y, reduction="sum")
-        totals += torch.stack([loss.double(), (y != -100).sum().double()])
+            loss = run.loss_fn(model, x, y)
+        totals += torch.stack([loss.double(), torch.tensor(run.loss_fn.count(y), dtype=torch.float64, device=device)])
     model.train()
     _all_reduce(run.ctx, totals)
+    run.val_metrics = _mean_metrics(run, totals[1].item())
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
 
@@ -493,6 +525,7 @@ class StepResult:
     skipped: bool          # no update: non-finite loss/gradient, or no target tokens
     no_targets: bool = False   # skipped because the step had no target tokens (not a numerical problem)
     flops: float = 0.0         # training FLOPs of the step's real samples, all ranks (Transformer.training_flops)
+    metrics: dict = field(default_factory=dict)   # the stage's named metrics (StageLoss), means over the step
 
 
 def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tensor:
@@ -508,7 +541,7 @@ def _accumulate_gradients(run: Run, batches: list, n_targets: int) -> torch.Tens
         no_sync = run.model.no_sync() if hasattr(run.model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync:
             with run.precision.autocast(run.ctx.device):
-                _, loss = run.model(x, y, reduction="sum")
+                loss = run.loss_fn(run.model, x, y)
             run.scaler.scale(loss * scale).backward()
         loss_sum += loss.detach().float()
     return loss_sum
@@ -530,7 +563,7 @@ def train_step(run: Run, lr: float) -> StepResult:
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
     # counted on the CPU; only a distributed run moves them to the device for the all-reduce (a GPU sync)
     lengths = torch.cat([_sample_lengths(x, run.train_ds) for x, _ in batches])
-    counts = torch.tensor([sum(int((y != -100).sum()) for _, y in batches), lengths.sum().item(),
+    counts = torch.tensor([sum(run.loss_fn.count(y) for _, y in batches), lengths.sum().item(),
                            lengths.square().sum().item()],
                           dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
     n_targets, positions, squared_lengths = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
@@ -543,13 +576,24 @@ def train_step(run: Run, lr: float) -> StepResult:
     if hasattr(norm, "full_tensor"):   # a DTensor under FSDP
         norm = norm.full_tensor()
     loss, bad_loss, grad_norm = torch.stack([totals[0] / n_targets, totals[1], norm.float()]).tolist()
+    metrics = _mean_metrics(run, n_targets)
     finite = bad_loss == 0 and math.isfinite(grad_norm)
     if finite:
         run.scaler.step(run.optimizer)
     run.scaler.update()   # with fp16, a non-finite gradient also lowers the loss scale
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, positions, skipped=not finite,
-                      flops=run.raw.training_flops(positions, squared_lengths))
+                      flops=run.raw.training_flops(positions, squared_lengths), metrics=metrics)
+
+
+def _mean_metrics(run: Run, count: float) -> dict[str, float]:
+    """The stage's metric sums since the last call, all ranks together, divided by the global count."""
+    sums = run.loss_fn.take_metrics()
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = _all_reduce(run.ctx, torch.stack([sums[n].detach().double() for n in names]).to(run.ctx.device))
+    return {n: v / count if count else math.nan for n, v in zip(names, totals.tolist())}
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -587,33 +631,68 @@ def _refuse_deleting_init_weights(cfg: TrainConfig, old_run: list[str]) -> None:
                          f"would delete: copy it out of {cfg.out_dir} first, or choose another --out_dir")
 
 
-def _load_start(cfg: TrainConfig, ctx: DistContext, model: Transformer, tokenizer: dict) -> tuple[dict | None, dict]:
+def _load_start(cfg: TrainConfig, ctx: DistContext, model: Transformer,
+                tokenizer: dict) -> tuple[dict | None, dict, dict | None]:
     """Rank 0 loads the resume checkpoint or the --init_from weights into `model`; the weights are then
-    broadcast. Returns (checkpoint minus weights and optimizer, or None; rank 0's full optimizer state)."""
+    broadcast. Returns (checkpoint minus weights and optimizer, or None; rank 0's full optimizer state; the
+    LoRA record (settings + base identity) when the run trains adapters)."""
     optimizer_state: dict = {}
 
-    def read() -> dict | None:
+    def read() -> tuple[dict | None, dict | None]:
         if cfg.resume:
             ckpt, path = find_checkpoint(cfg.out_dir)
             check_same_tokenizer(ckpt["tokenizer"], tokenizer, f"the checkpoint {path}", "this run's data")
             if ckpt["model_args"] != asdict(model.args):
                 raise TrainError(f"{path} holds a model of shape {ckpt['model_args']}, not {asdict(model.args)}")
-            model.load_state_dict(ckpt["model"])
+            lora = ckpt.get("lora")
+            _check_same_lora(cfg, lora, path)
+            if lora:   # the frozen base first, then the trained adapters
+                _load_weights(model, load_state_dict_file(lora_base_path(path, lora), n_heads=model.args.n_heads),
+                              f"{path}'s base {lora['base']['path']}", adapters=False)
+                _load_weights(model, ckpt["model"], path, adapters=True)
+            else:
+                model.load_state_dict(ckpt["model"])
             optimizer_state.update(ckpt["optimizer"])
-            return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")} | {"path": path}
+            return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")} | {"path": path}, lora
         if cfg.init_from:
             weights = load_state_dict_file(cfg.init_from, n_heads=model.args.n_heads)
-            try:
-                model.load_state_dict(weights, strict=True)
-            except RuntimeError as exc:
-                raise TrainError(f"--init_from={cfg.init_from}: weights do not fit the model "
-                                 f"({str(exc).strip().splitlines()[0][:200]})") from None
-        return None
-    meta = _on_rank0(ctx, read)
+            _load_weights(model, weights, f"--init_from={cfg.init_from}", adapters=False)
+            return None, _lora_record(cfg) if cfg.lora_rank else None
+        return None, None
+    meta, lora = _on_rank0(ctx, read)
     if ctx.distributed and (cfg.resume or cfg.init_from):
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    return meta, optimizer_state
+    return meta, optimizer_state, lora
+
+
+def _load_weights(model: Transformer, weights: dict, what: str, adapters: bool) -> None:
+    """Load base weights (adapters=False: every weight but LoRA adapters) or a LoRA checkpoint's adapters
+    (adapters=True: exactly the model's adapters); TrainError naming `what` when they do not fit."""
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise TrainError(f"{what}: weights do not fit the model ({str(exc).strip().splitlines()[0][:200]})") from None
+    missing = [k for k in missing if k.endswith(ADAPTER_SUFFIXES) == adapters]
+    if missing or unexpected:
+        raise TrainError(f"{what}: weights do not fit the model (missing {', '.join(missing[:3]) or 'none'}; "
+                         f"unexpected {', '.join(unexpected[:3]) or 'none'})")
+
+
+def _lora_record(cfg: TrainConfig) -> dict:
+    """What a LoRA checkpoint records: the adapter settings and the identity of the frozen base weights."""
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets,
+            "base": {"path": cfg.init_from, "abspath": os.path.abspath(cfg.init_from),
+                     "sha256": weights_sha256(cfg.init_from)}}
+
+
+def _check_same_lora(cfg: TrainConfig, lora: dict | None, path: str) -> None:
+    saved = (lora["rank"], lora["alpha"], lora["targets"]) if lora else (0,)
+    wanted = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else (0,)
+    if saved != wanted:
+        how = f"with LoRA rank {saved[0]}, alpha {saved[1]} on {saved[2]}" if lora else "without LoRA"
+        raise TrainError(f"{path} was trained {how}: resume with the same --lora_rank, --lora_alpha and "
+                         f"--lora_targets, or start a new run with --init_from={path}")
 
 
 def _restore(run: Run, meta: dict, optimizer_state: dict) -> None:
@@ -654,6 +733,7 @@ def describe_run(run: Run) -> str:
     lines = [format_config(cfg),
              f"model: {params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the embedding), "
              f"{run.flops_per_token / 1e9:.3f} GFLOP/token at seq {p.seq_len}",
+             *([_describe_lora(run)] if run.lora else []),
              f"batch: {cfg.micro_batch_size} seqs x {p.seq_len} tokens x {p.grad_accum_steps} accum x "
              f"{ctx.world_size} ranks = {up_to}{p.tokens_per_iter:,} tokens/step",
              f"data: {describe() if describe else f'{len(run.train_ds):,} micro batches per epoch per rank'}",
@@ -672,6 +752,14 @@ def describe_run(run: Run) -> str:
     return "\n".join(lines)
 
 
+def _describe_lora(run: Run) -> str:
+    trainable, total = count_parameters(run.raw)
+    lora = run.lora
+    return (f"LoRA: rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on {lora['targets']}; "
+            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); frozen base "
+            f"{lora['base']['path']} (sha256 {lora['base']['sha256'][:12]}…)")
+
+
 def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm) -> None:
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
     tokens_per_s = window["tokens"] / elapsed
@@ -679,7 +767,12 @@ def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm)
     row = {"step": run.step, "tokens": run.tokens_seen, "epoch": run.train_ds.epoch,
            "loss": sum(losses) / len(losses) if losses else math.nan, "lr": lr, "grad_norm": result.grad_norm,
            "tokens_per_s": tokens_per_s, "skipped_steps": run.skipped_steps}
+    for name in (window["metrics"][-1] if window["metrics"] else {}):   # the stage's own (DPO: rewards/...)
+        values = [m[name] for m in window["metrics"] if math.isfinite(m.get(name, math.nan))]
+        row[name] = sum(values) / len(values) if values else math.nan
     text = f"loss {row['loss']:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+    if "rewards/accuracies" in row:
+        text += f" acc {row['rewards/accuracies']:.2f} margin {row['rewards/margins']:.3f}"
     if run.peak_flops:
         row["mfu"] = window["flops"] / elapsed / run.ctx.world_size / run.peak_flops
         text += f" mfu {row['mfu']:.1%}"
@@ -688,7 +781,7 @@ def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm)
     run.logger.log(row)
     run.metrics["loss"] = row["loss"]
     bar.set_postfix_str(text, refresh=False)
-    window.update(start=time.perf_counter(), tokens=0, flops=0.0, losses=[])
+    window.update(start=time.perf_counter(), tokens=0, flops=0.0, losses=[], metrics=[])
 
 
 def _eval_and_log(run: Run, bar: tqdm) -> None:
@@ -696,14 +789,17 @@ def _eval_and_log(run: Run, bar: tqdm) -> None:
     if val_loss is None:
         return
     run.last_val_loss = val_loss
-    run.logger.log({"step": run.step, "tokens": run.tokens_seen, "val_loss": val_loss,
-                    "val_ppl": math.exp(min(val_loss, 50.0))})
+    # a stage with its own metrics (DPO) logs them; perplexity means something only for a per-token loss
+    extra = {f"val_{k}": v for k, v in run.val_metrics.items()} or {"val_ppl": math.exp(min(val_loss, 50.0))}
+    run.logger.log({"step": run.step, "tokens": run.tokens_seen, "val_loss": val_loss, **extra})
     improved = val_loss < run.best_val_loss
     if improved:
         run.best_val_loss = val_loss
         save_best(run, val_loss)
     if run.ctx.is_master:
-        bar.write(f"step {run.step:,}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50.0)):.2f}"
+        shown = f"ppl {extra['val_ppl']:.2f}" if "val_ppl" in extra else \
+            ", ".join(f"{k} {v:.3f}" for k, v in extra.items() if "rewards/" in k)
+        bar.write(f"step {run.step:,}: val loss {val_loss:.4f}, {shown}"
                   f"{' (best, saved best.pt)' if improved else ''}")
 
 
@@ -736,7 +832,7 @@ def _steps(run: Run, bar: tqdm) -> None:
     cfg, plan = run.cfg, run.plan
     if run.step == 0:
         _eval_and_log(run, bar)   # the starting point of the validation curve
-    window = {"start": time.perf_counter(), "tokens": 0, "flops": 0.0, "losses": []}
+    window = {"start": time.perf_counter(), "tokens": 0, "flops": 0.0, "losses": [], "metrics": []}
     while run.step < plan.max_iters:
         lr = get_lr(run.step, cfg.lr, cfg.min_lr, plan.warmup_iters, plan.lr_decay_iters)
         result = train_step(run, lr)
@@ -745,6 +841,7 @@ def _steps(run: Run, bar: tqdm) -> None:
         window["tokens"] += result.positions
         window["flops"] += result.flops
         window["losses"].append(result.loss)
+        window["metrics"].append(result.metrics)
         _after_step(run, result)
         bar.update(1)
         if run.step % cfg.log_interval == 0 or run.step == plan.max_iters:
@@ -790,13 +887,15 @@ def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_d
     _prepare_out_dir(cfg, ctx)
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
     raw = Transformer(model_args).to(ctx.device)
-    meta, optimizer_state = _load_start(cfg, ctx, raw, tokenizer)
+    if cfg.lora_rank:   # before loading: base weights keep their names, a resumed run's adapters load into place
+        apply_lora(raw, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    meta, optimizer_state, lora = _load_start(cfg, ctx, raw, tokenizer)
     flops_per_token = raw.flops_per_token(plan.seq_len)
     model = wrap_model(raw, cfg, ctx)
     optimizer = make_optimizer(model, cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_scaler)
     run = Run(cfg, ctx, plan, precision, model_args, tokenizer, train_ds, val_ds, raw, model, optimizer, scaler,
-              flops_per_token, peak_flops(ctx.device, precision))
+              flops_per_token, peak_flops(ctx.device, precision), lora=lora)
     if meta is not None:
         _restore(run, meta, optimizer_state)
     else:
@@ -805,12 +904,14 @@ def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_d
 
 
 def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: BatchSource,
-          val_ds: BatchSource | None, tokenizer: dict) -> dict:
-    """Train until plan.max_iters steps; returns a summary (step, tokens_seen, losses, checkpoint path)."""
+          val_ds: BatchSource | None, tokenizer: dict, loss_fn: StageLoss | None = None) -> dict:
+    """Train until plan.max_iters steps; returns a summary (step, tokens_seen, losses, checkpoint path).
+    loss_fn: what the stage minimises (default TokenLoss: per-token cross-entropy)."""
     _check_logging_deps(cfg)
     if ctx.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # fp32 matmuls (outside autocast) on TF32 tensor cores
     run, meta = build_run(cfg, ctx, model_args, train_ds, val_ds, tokenizer)
+    run.loss_fn = loss_fn or run.loss_fn
     if run.step >= run.plan.max_iters:
         raise TrainError(f"the run in {cfg.out_dir} already finished at step {run.step:,} (max_iters "
                          f"{run.plan.max_iters:,}): pass a larger --max_iters (or --epochs) to train on")
