@@ -429,7 +429,7 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")             # torch.compile, DDP
 _DERIVED_BUFFERS = ("freqs_cos", "freqs_sin", "freqs_cis", "rope_cos", "rope_sin", "attention.mask")
 
 # our name suffix -> Hugging Face LlamaForCausalLM name suffix, per layer
-_HF_LAYER_NAMES = {
+HF_LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
@@ -481,7 +481,7 @@ def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
                 tensor = rope_pairs_to_halves(tensor, args.n_heads)
             elif suffix == "attention.wk.weight":
                 tensor = rope_pairs_to_halves(tensor, args.kv_heads)
-            hf[f"model.layers.{index}.{_HF_LAYER_NAMES[suffix]}"] = tensor.contiguous()
+            hf[f"model.layers.{index}.{HF_LAYER_NAMES[suffix]}"] = tensor.contiguous()
         else:
             hf[_HF_TOP_NAMES[key]] = tensor.contiguous()
     return hf
@@ -489,7 +489,7 @@ def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
 
 def from_hf_state_dict(hf: dict, args: ModelArgs) -> dict:
     """LlamaForCausalLM weights -> our names, wq/wk rows back to interleaved pairs."""
-    layer_names = {v: k for k, v in _HF_LAYER_NAMES.items()}
+    layer_names = {v: k for k, v in HF_LAYER_NAMES.items()}
     top_names = {v: k for k, v in _HF_TOP_NAMES.items()}
     state = {}
     for key, tensor in hf.items():
