@@ -91,6 +91,7 @@ class FrozenReference:
 
 class DPOLoss:
     """trainer.StageLoss for DPO: the summed loss of a micro batch's pairs; the step averages per pair."""
+    unit = "per pair"
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, kind: str = "sigmoid",
                  reference: Reference = adapters_off_reference):

@@ -929,7 +929,8 @@ def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: B
                "checkpoint": os.path.join(cfg.out_dir, CKPT_LATEST)}
     if ctx.is_master:
         val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-        print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} tokens, train loss (per target token) "
+        print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} tokens, train loss "
+              f"({getattr(run.loss_fn, 'unit', 'per target token')}) "
               f"{summary['train_loss']:.4f}{val}; checkpoint {summary['checkpoint']}")
     return summary
 
