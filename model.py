@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lora import merge_state_dict, weights_sha256
+
 
 @dataclass
 class ModelArgs:
@@ -603,7 +605,6 @@ def _read_weights(path: str, n_heads: int, max_seq_len: int | None) -> tuple[dic
 def lora_base_path(path: str, lora: dict) -> str:
     """The base weights a LoRA checkpoint at `path` was trained on, found where it was (as given, then
     absolute), checked against its sha256. CheckpointError when missing or changed."""
-    from lora import weights_sha256
     base = lora["base"]
     found = next((p for p in (base["path"], base.get("abspath", "")) if p and os.path.exists(p)), None)
     if found is None:
@@ -619,7 +620,6 @@ def lora_base_path(path: str, lora: dict) -> str:
 def _merge_lora_checkpoint(path: str, lora: dict, adapters: dict, args: ModelArgs, n_heads: int) -> dict:
     """A LoRA checkpoint's full weights: its base (read like any weights, itself possibly LoRA) with the
     adapters folded in."""
-    from lora import merge_state_dict
     base_state, base_args, _ = _read_weights(lora_base_path(path, lora), n_heads, None)
     if (base_args.dim, base_args.n_layers, base_args.vocab_size) != (args.dim, args.n_layers, args.vocab_size):
         raise CheckpointError(f"{path}: its base {lora['base']['path']} has another shape ({asdict(base_args)})")

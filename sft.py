@@ -6,11 +6,13 @@
     python sft.py --init_from=Llama2-Chinese-92M-epoch-1.pth      # a seed project .pth (92m shape assumed)
     python sft.py --resume                                        # continue out/sft after a stop or crash
     python sft.py --init_from=out/pretrain/ckpt.pt --val_data=my_val.csv --epochs=3 --lr=5e-5
+    python sft.py --init_from=out/sft/ckpt.pt --lora_rank=16 --data=medical.csv --out_dir=out/sft_med --lr=2e-4
     python sft.py --help                                          # every flag, with its meaning
 
 --init_from (weights only: this repo's checkpoints, a seed-style .pth or an exported HF folder) or --resume
 is required. The model's shape, and with it the sequence length samples are truncated to, comes from those
 weights. Writes out/sft/: ckpt.pt, ckpt_NNNNNNN.pt, best.pt, metrics.jsonl, loss.png, as pretraining does.
+With --lora_rank only LoRA adapters train (lora.py), and the checkpoints hold just them and the base's sha256.
 
 Each CSV row is one conversation laid out as `prompt <bos> answer <eos>` per turn (dataset_sft.py); the loss
 is the mean over the answer tokens (and their <eos>) of a whole optimizer step, all micro batches and ranks
