@@ -224,6 +224,7 @@ def test_lora_dpo_resumes_exactly_and_loads_for_inference(synthetic_csv, small_t
     assert a["model"].keys() == b["model"].keys() and all(k.endswith(("lora_A", "lora_B")) for k in a["model"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["lora"]["base"]["path"] == init_weights and a["step"] == 8
+    assert len(a["optimizer"]["state"]) == len(a["model"])   # AdamW state for the adapters only
     merged, meta = load_model(str(halves / "ckpt.pt"))
     base = load_model(init_weights, max_seq_len=meta["model_args"]["max_seq_len"])[0]
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
