@@ -83,7 +83,8 @@ def test_hh_reader_multi_turn_and_bad_dialogues(tmp_path, capsys):
         {"chosen": ctx.lstrip() + " 好", "rejected": ctx.lstrip() + " 坏"},    # no leading blank lines
         {"chosen": "\n\nHuman: 问\n\nAssistant: 答", "rejected": "\n\nHuman: 问\n\nAssistant: 答"},   # identical
         {"chosen": "\n\nAssistant: 答", "rejected": "\n\nAssistant: 坏"},                        # no Human first
-        {"chosen": "\n\nHuman: 问\n\nHuman: 又问\n\nAssistant: 答", "rejected": "\n\nHuman: 问\n\nHuman: 又问\n\nAssistant: 坏"},
+        {"chosen": "\n\nHuman: 问\n\nHuman: 又问\n\nAssistant: 答",
+         "rejected": "\n\nHuman: 问\n\nHuman: 又问\n\nAssistant: 坏"},
     ])
     code, rows, out, err = run(tmp_path, capsys, f"--corpus=hh_rlhf={path}")
     assert code == 0 and counts(out, "hh_rlhf") == [5, 2, 1, 0, 2]

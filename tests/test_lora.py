@@ -7,6 +7,7 @@ import copy
 import os
 from dataclasses import asdict
 
+import peft
 import pytest
 import torch
 
@@ -132,7 +133,6 @@ def test_hf_export_merged_and_peft_adapter_match_our_logits(tmp_path, tokenizer_
         merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
         assert (merged(tokens).logits - ours).abs().max().item() < 1e-4
         export_hf(path, str(tmp_path / "hf_base"), lora="separate")
-        peft = pytest.importorskip("peft")
         base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_base")).eval()
         with adapters_disabled(model):
             assert (base(tokens).logits - model(tokens)[0]).abs().max().item() < 1e-4
