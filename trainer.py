@@ -1,4 +1,4 @@
-"""The one training loop, shared by pretrain.py and sft.py: distributed setup, the run plan, the loop, logging.
+"""The one training loop, shared by pretrain.py, sft.py and dpo.py: distributed setup, the run plan, the loop, logging.
 The config lives in train_config.py, precision in precision.py, checkpoint files in checkpoint.py.
 
     python pretrain.py --preset=tiny --max_iters=200                       # CPU demo
@@ -12,7 +12,7 @@ The config lives in train_config.py, precision in precision.py, checkpoint files
     cfg, ctx = configure(sys.argv[1:], TrainConfig(out_dir="out/sft", lr=2e-5))   # flags over the defaults
     # (over the checkpoint's saved config with --resume); ctx: rank, world_size, device, with or without torchrun
     model_args = resolve_model_args(cfg, ctx, tokenizer_identity)
-    summary = train(cfg, ctx, model_args, train_ds, val_ds, tokenizer_identity)
+    summary = train(cfg, ctx, model_args, train_ds, val_ds, tokenizer_identity)   # loss_fn=DPOLoss(...) for DPO
 
 A stage script builds its BatchSources (dataset.PretrainDataset, dataset_sft.SFTDataset) after
 setup_distributed() and hands them to train(), which owns everything else: the model, resume / init_from,
@@ -21,7 +21,10 @@ DDP or FSDP, mixed precision, the optimizer and LR schedule, evaluation, checkpo
 One optimizer step = grad_accum_steps micro batches per rank. Its loss is the sum of token losses over all
 micro batches of all ranks divided by the number of target tokens among them (all-reduced before the
 forward passes), so SFT's loss is the mean over answer tokens of the step, not a mean of batch means, and
-one process with 2x accumulation computes exactly what two processes compute.
+one process with 2x accumulation computes exactly what two processes compute. A stage whose loss is not
+per token passes its StageLoss (dpo_loss.DPOLoss: summed over pairs, divided by the step's pairs).
+With --lora_rank the model gets LoRA adapters (lora.py) before any weights load; only they train and only
+they are checkpointed, beside the sha256 of the frozen --init_from weights that a resume reloads.
 """
 from __future__ import annotations
 
