@@ -31,12 +31,12 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from corpus_io import BadRecord, CorpusError, SkipLog, json_type, str_field
-from sft_corpus import (SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, describe_registry, history_json,
-                        iter_parsed, list_field, parse_source, summary_table, text_field, write_csv_atomic)
+from sft_corpus import (SAMPLE_DIR, SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, describe_registry,
+                        history_json, iter_parsed, list_field, parse_source, summary_table, text_field,
+                        write_csv_atomic)
 
 COLUMNS = ("prompt", "chosen", "rejected", "history", "source")
 DEFAULT_OUT = os.path.join("sft_data", "dpo_data.csv")
-SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_data", "sample")
 DEFAULT_CORPORA = (
     f"medicalgpt_reward={os.path.join(SAMPLE_DIR, 'dpo_medicalgpt_reward_sample.jsonl')}",
     f"dpo_en_zh={os.path.join(SAMPLE_DIR, 'dpo_en_zh_sample.json')}",

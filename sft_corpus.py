@@ -26,6 +26,8 @@ from corpus_io import (READ_ERRORS, BadRecord, CorpusError, SkipLog, expand_path
 
 # json.loads accepts "\ud83d" escapes that are not characters; they cannot be written as UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The bundled samples live beside the scripts, so their bare commands work from any working directory.
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_data", "sample")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 T = TypeVar("T")
 

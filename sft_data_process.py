@@ -41,14 +41,12 @@ from functools import partial
 from typing import Any, Iterator, NamedTuple
 
 from corpus_io import BadRecord, CorpusError, SkipLog, json_type, str_field
-from sft_corpus import (SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, count_arg, describe_registry,
-                        history_json, iter_parsed, list_field, parse_source, summary_table, text_field,
-                        write_csv_atomic)
+from sft_corpus import (SAMPLE_DIR, SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, count_arg,
+                        describe_registry, history_json, iter_parsed, list_field, parse_source, summary_table,
+                        text_field, write_csv_atomic)
 
 COLUMNS = ("prompt", "answer", "history", "source")
 DEFAULT_OUT = os.path.join("sft_data", "sft_data.csv")
-# The bundled sample lives beside this script, so the bare command works from any working directory.
-SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_data", "sample")
 DEFAULT_CORPORA = (
     f"alpaca_zh={os.path.join(SAMPLE_DIR, 'alpaca_zh_sample.json')}",
     f"sharegpt={os.path.join(SAMPLE_DIR, 'sharegpt_sample.jsonl')}",
