@@ -1,8 +1,8 @@
 """The Llama2-style network, its presets, generation with a KV cache, and the one checkpoint loader.
 
 Read top to bottom: ModelArgs and PRESETS, RMSNorm, rotary helpers, Attention, FeedForward, Block,
-Transformer (forward, generation), then loading weights (this repo's checkpoints, the seed project's
-plain state dicts, exported Hugging Face folders).
+Transformer (forward, generation), then loading weights (this repo's checkpoints, LoRA ones merged into
+the base weights they record, the seed project's plain state dicts, exported Hugging Face folders).
 
     python model.py                      # parameter and FLOP table of every preset
     python model.py --ckpt=out/pretrain/ckpt.pt   # what a checkpoint holds (kind, ModelArgs, size)
@@ -425,7 +425,7 @@ class CheckpointError(RuntimeError):
     """A weights file or folder that is missing, truncated, corrupt, or not a kind load_model reads."""
 
 
-_WHAT_LOADS = ("expected a training checkpoint (ckpt.pt from pretrain.py/sft.py), a state dict .pth with "
+_WHAT_LOADS = ("expected a training checkpoint (ckpt.pt from pretrain.py/sft.py/dpo.py), a state dict .pth with "
                "tok_embeddings.weight and layers.N.attention.wq.weight, or an exported HF folder")
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")             # torch.compile, DDP
 _DERIVED_BUFFERS = ("freqs_cos", "freqs_sin", "freqs_cis", "rope_cos", "rope_sin", "attention.mask")
