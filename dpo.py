@@ -10,7 +10,8 @@
     python dpo.py --help                                          # every flag, with its meaning
 
 Each CSV row is a pair of answers to one conversation, laid out as SFT samples (dataset_dpo.py); the loss
-(dpo_loss.py) is the mean over the step's pairs, all micro batches and ranks together. Progress line and
+(dpo_loss.py) is the mean over the step's pairs, all micro batches and ranks together. --micro_batch_size
+counts pairs: a micro batch is twice as many sequences (the start-of-run token budget counts pairs too). Progress line and
 metrics.jsonl carry TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
 logps/chosen, logps/rejected (val_… for the validation split). Writes out/dpo/ as sft.py writes out/sft/.
 """
