@@ -12,7 +12,7 @@ rejected, history) is laid out exactly as an SFT row would be with `chosen` (the
 DPODataset.collate). Both samples of a pair are truncated together so that they keep the very same context:
 the longer answer decides how many old turns and prompt tokens go (dataset_sft.fit_turns), then the shorter
 answer is cut only if it still does not fit. The order, sharding, length grouping and exact resume are
-SFTDataset's, over pairs (a pair's length is its longer sample's).
+SFTDataset's, over pairs (a pair's length is its longer sample's); validation is scored per `source` too.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from dataset_sft import (DEFAULT_BUCKET_BATCHES, IGNORE_INDEX, Cut, SampleAccumulator, SFTDataError, SFTDataset,
-                         SFTSamples, SFTStats, Turn, encode_turns, fit_turns, iter_sft_csv, layout_sample, row_key)
+                         SFTSamples, SFTStats, Turn, encode_turns, fit_turns, iter_sft_csv, layout_sample, read_sources,
+                         row_key)
 
 
 @dataclass
@@ -84,7 +85,7 @@ def tokenize_pairs(chunks: Iterable[tuple[list, list]], tokenizer, max_seq_len: 
                     ids, learn = layout_sample(kept, bos, eos, answer_cut)
                     stats.tokens += len(ids)
                     stats.target_tokens += len(kept[-1].answer) + (not answer_cut)   # the last answer, <eos>
-                    acc.add(ids, learn, key)
+                    acc.add(ids, learn, key, stats.rows - 1)
             for acc in splits["train"] + splits["val"]:
                 acc.flush()
             bar.update(len(chosen_chunk))
@@ -99,10 +100,10 @@ class DPODataset(SFTDataset):
 
     def __init__(self, chosen: SFTSamples, rejected: SFTSamples, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 1337, pad_id: int = 0,
-                 bucket_batches: int = DEFAULT_BUCKET_BATCHES):
+                 bucket_batches: int = DEFAULT_BUCKET_BATCHES, sources: np.ndarray | None = None):
         if len(chosen) != len(rejected):
             raise SFTDataError(f"{len(chosen)} chosen but {len(rejected)} rejected samples")
-        super().__init__(chosen, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches)
+        super().__init__(chosen, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches, sources)
         self.rejected = rejected
         self.lengths = np.maximum(chosen.lengths, rejected.lengths)
 
@@ -156,8 +157,9 @@ def build_dpo_datasets(path: str, tokenizer, max_seq_len: int, micro_batch_size:
     stats.train_samples, stats.val_samples = len(train_c), len(val_c)
     if len(train_c) == 0:
         raise SFTDataError(f"{path}: all {stats.rows} pairs fell in the validation split; lower --val_fraction")
-    pad_id = tokenizer.special_tokens["<pad>"]
-    train_ds = DPODataset(train_c, train_r, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches)
-    val_ds = DPODataset(val_c, val_r, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches) \
-        if len(val_c) else None
+    pad_id, sources = tokenizer.special_tokens["<pad>"], read_sources(path)
+    train_ds = DPODataset(train_c, train_r, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches,
+                          sources[train_c.rows] if sources is not None else None)
+    val_ds = DPODataset(val_c, val_r, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches,
+                        sources[val_c.rows] if sources is not None else None) if len(val_c) else None
     return train_ds, val_ds, stats

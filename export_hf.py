@@ -36,6 +36,7 @@ import torch
 
 from chatglm_tokenizer import (DEFAULT_TOKENIZER, TokenizerError, check_same_tokenizer, resolve_tokenizer_dir,
                                tokenizer_identity)
+from corpus_io import replace_folder
 from lora import TARGETS as TARGET_MODULES
 from model import (HF_LAYER_NAMES, CheckpointError, ModelArgs, Transformer, load_model, lora_base_path,
                    rope_pairs_to_halves, to_hf_state_dict)
@@ -94,17 +95,6 @@ def _write_folder(model: Transformer, dtype: str, tokenizer_folder: str, dest: s
     _copy_tokenizer(tokenizer_folder, dest)
 
 
-def _replace_folder(tmp: str, out: str) -> None:
-    """Move the finished tmp folder to out; an older export at out is swapped aside first, then removed."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=".export_hf-old-", dir=os.path.dirname(out))
-        os.replace(out, os.path.join(old, "previous"))
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old)
-
-
 def peft_adapter_state(adapters: dict, args: ModelArgs) -> dict:
     """Our adapter tensors (layers.N.attention.wq.lora_A, …) as PEFT saves them for LlamaForCausalLM
     (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, …). A permutation of W's rows is one of
@@ -139,7 +129,7 @@ def _export_folder(out: str, write) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
         write(tmp)
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

@@ -10,8 +10,8 @@ import os
 import subprocess
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from conftest import REPO
 

@@ -48,7 +48,7 @@ def pair_samples(pairs):
     chosen, rejected = SampleAccumulator(np.int32), SampleAccumulator(np.int32)
     for key, (context, prompt, good, bad) in enumerate(pairs):
         for acc, answer in ((chosen, good), (rejected, bad)):
-            acc.add(*layout_sample(context + [Turn(prompt, answer)], BOS, EOS), key)
+            acc.add(*layout_sample(context + [Turn(prompt, answer)], BOS, EOS), key, key)
     return chosen.finish(), rejected.finish()
 
 
@@ -238,7 +238,7 @@ def test_two_ranks_with_lora_equal_one_rank_with_twice_the_micro_batch(synthetic
                                                                        init_weights, tmp_path):
     """torchrun (gloo): DDP over adapters only, the loss a mean over the global pairs and the metrics too."""
     one, two = tmp_path / "one", tmp_path / "two"
-    # all 60 pairs train (an even count: 2 ranks need no repeated pair to fill the epoch) and all validate
+    # all 60 pairs train, and all validate
     common = dict(init_from=init_weights, lora_rank=4, max_iters=3, eval_interval=3, save_interval=3,
                   val_data=synthetic_csv)
     dpo.main(flags(synthetic_csv, small_tokenizer, one, **dict(common, micro_batch_size=4)))
