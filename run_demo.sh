@@ -72,6 +72,7 @@ hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
 prompt = torch.tensor([tok.encode('感冒了应该怎么办？') + [tok.special_tokens['<bos>']]])
 # a fixed 20 greedy tokens with <eos> not stopping either side: a tiny model often says <eos> first, and
 # comparing two empty answers would prove nothing
+hf_model.generation_config.eos_token_id = None   # generate() fills an unset eos_token_id back in from here
 greedy = copy.deepcopy(hf_model.generation_config)
 greedy.update(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
 hf_ids = hf_model.generate(prompt, generation_config=greedy)[0, prompt.shape[1]:].tolist()
