@@ -260,7 +260,8 @@ def in_shard(global_file: int, ordinal: int, shard: tuple[int, int]) -> bool:
     return (global_file + ordinal // SHARD_BLOCK) % count == index
 
 
-def iter_batches(sources: list[CorpusSource], cursor: Cursor, shard: tuple[int, int]) -> Iterator[Batch]:
+def iter_batches(sources: list[CorpusSource], cursor: Cursor, shard: tuple[int, int],
+                 batch_docs: int = BATCH_DOCS) -> Iterator[Batch]:
     """This shard's records from `cursor` on, in batches within one file; every file ends with a batch
     marked file_done."""
     global_file = 0
@@ -268,12 +269,12 @@ def iter_batches(sources: list[CorpusSource], cursor: Cursor, shard: tuple[int, 
         for f, path in enumerate(source.paths):
             if (s, f) >= (cursor.source, cursor.file):
                 start = cursor.position if (s, f) == (cursor.source, cursor.file) else Position()
-                yield from _file_batches(s, f, global_file, path, source.corpus, start, shard)
+                yield from _file_batches(s, f, global_file, path, source.corpus, start, shard, batch_docs)
             global_file += 1
 
 
 def _file_batches(s: int, f: int, global_file: int, path: str, corpus: Any, start: Position,
-                  shard: tuple[int, int]) -> Iterator[Batch]:
+                  shard: tuple[int, int], batch_docs: int) -> Iterator[Batch]:
     items: list = []
     last = start
     read = 0
@@ -284,7 +285,7 @@ def _file_batches(s: int, f: int, global_file: int, path: str, corpus: Any, star
             read += 1
             if in_shard(global_file, item.position.records - 1, shard):
                 items.append((item.number, item.payload, item.error))
-            if len(items) >= BATCH_DOCS or read >= 8 * BATCH_DOCS:
+            if len(items) >= batch_docs or read >= 8 * batch_docs:
                 yield Batch(s, f, path, corpus.name, layout, items, last, read, False)
                 items, read = [], 0
     except READ_ERRORS as exc:
@@ -445,13 +446,13 @@ class ShardRun:
 
 
 def signature_pass(sources: list[CorpusSource], cfg: CleanConfig, key: str, out: str, shard: tuple[int, int],
-                   workers: int, strict: bool = False) -> ShardRun:
+                   workers: int, strict: bool = False, batch_docs: int = BATCH_DOCS) -> ShardRun:
     """Judge and sign this shard's documents (resuming an interrupted pass of the same command)."""
     run = ShardRun(sources, key, shard_dir(out, shard), strict)
     run.start()
     if run.done:
         return run
-    batches = iter_batches(sources, run.cursor, shard)
+    batches = iter_batches(sources, run.cursor, shard, batch_docs)
     bar = tqdm(desc=f"judge + sign (shard {shard[0]}/{shard[1]})", unit="doc", dynamic_ncols=True,
                initial=sum(sum(c.values()) for c in run.counts))
     try:

@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             help=f"rule {rule.name}: removed when {rule.about} (default %(default)s)")
     parser.add_argument("--shingle", type=int, default=3, help="characters per shingle (default %(default)s)")
     parser.add_argument("--workers", type=int, default=_usable_cpus(), help="processes (default %(default)s)")
+    parser.add_argument("--batch_docs", type=int, default=cleaning.BATCH_DOCS,
+                        help="documents per worker task (default %(default)s)")
     parser.add_argument("--shard", default=None, metavar="I/N", help="run only the signature pass of shard I of N")
     parser.add_argument("--merge", action="store_true", help="merge the finished shards into decisions")
     parser.add_argument("--shards", type=int, default=None, help="with --merge: how many shards there were")
@@ -85,8 +87,8 @@ def build_config(args: argparse.Namespace) -> cleaning.CleanConfig:
         unknown = [r for r in rules if r not in quality.RULE_NAMES]
         if unknown:
             raise CorpusError(f"--quality: unknown rule {unknown[0]!r}; known: {', '.join(quality.RULE_NAMES)}")
-    if args.shingle < 1 or args.workers < 1:
-        raise CorpusError("--shingle and --workers must be at least 1")
+    if min(args.shingle, args.workers, args.batch_docs) < 1:
+        raise CorpusError("--shingle, --workers and --batch_docs must be at least 1")
     qcfg = quality.QualityConfig(**{name: getattr(args, name) for name in RULE_FLAGS}) if rules else None
     bands, rows = lsh_params(threshold) if threshold else (1, 1)
     return cleaning.CleanConfig(qcfg, rules, threshold, args.shingle, bands, rows)
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> dict | None:
     key = cleaning.run_key(described, cfg)
     shard = parse_shard(args.shard)
     if not args.merge:
-        shard_run = cleaning.signature_pass(sources, cfg, key, args.out, shard, args.workers, args.strict)
+        shard_run = cleaning.signature_pass(sources, cfg, key, args.out, shard, args.workers, args.strict,
+                                              args.batch_docs)
         if args.shard is not None:
             judged = sum(sum(c.values()) for c in shard_run.counts)
             print(f"shard {shard[0]}/{shard[1]} done: {judged:,} documents judged; merge with "
