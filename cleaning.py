@@ -192,18 +192,16 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def judge_texts(texts: list[str], cfg: CleanConfig) -> np.ndarray:
-    """Reason code per text (0 kept) under the quality rules, the texts being edited first."""
+def judge_texts(texts: list[str], cfg: CleanConfig) -> tuple[list[str], np.ndarray]:
+    """The texts edited (unchanged under --quality=none) and a reason code per text (0 kept)."""
     codes = np.zeros(len(texts), dtype=np.uint8)
-    if cfg.quality is None or not cfg.rules:
-        return codes
-    rules = [r for r in qrules.RULES if r.name in cfg.rules]
-    for i, raw in enumerate(texts):
-        failed = qrules.failed_rule(qrules.edit_text(raw, cfg.quality), cfg.quality,
-                                     qrules.boilerplate_share(raw), rules)
-        if failed:
-            codes[i] = REASONS.index(failed)
-    return codes
+    if cfg.quality is None:
+        return texts, codes
+    edited, failed = qrules.judge(texts, cfg.quality, [r for r in qrules.RULES if r.name in cfg.rules])
+    for i, name in enumerate(failed):
+        if name:
+            codes[i] = REASONS.index(name)
+    return edited, codes
 
 
 def process_batch(batch: Batch) -> Result:
@@ -223,13 +221,13 @@ def process_batch(batch: Batch) -> Result:
     base = make_key(batch.source, batch.file, 0)
     docs = np.empty(len(texts), dtype=DOC_DTYPE)
     docs["key"] = np.asarray(numbers, dtype=np.uint64) + np.uint64(base)
-    docs["reason"] = judge_texts(texts, cfg)
+    edited, docs["reason"] = judge_texts(texts, cfg)
     band_dtype = np.dtype([("key", "<u8"), ("bands", "<u8", (cfg.bands,))])
     kept = np.flatnonzero(docs["reason"] == KEPT)
     if cfg.threshold is None or not len(kept):
         return Result(batch.source, batch.file, batch.end, batch.records_read, batch.file_done, errors, docs,
                       np.empty(0, band_dtype), np.empty(0, INDEX_DTYPE), np.empty(0, np.uint32))
-    edited = [qrules.edit_text(texts[i], cfg.quality) if cfg.quality else texts[i] for i in kept]
+    edited = [edited[i] for i in kept]
     doc, h = minhash.shingle_hashes(edited, cfg.shingle)
     tokens, counts = minhash.shingle_tokens(doc, h, len(edited))
     has = counts > 0   # a text of nothing but punctuation has no shingle: it cannot be a near-duplicate

@@ -41,6 +41,33 @@ def normalise(text: str) -> str:
     return _NOT_CONTENT.sub("", unicodedata.normalize("NFKC", text).lower())
 
 
+_TABLE: np.ndarray | None = None
+
+
+def _char_table() -> np.ndarray:
+    """normalise() of every BMP character as one code point (0: dropped; a character whose NFKC form is
+    several characters, like ㈱, is kept as it is). Built once per process, ~0.1 s."""
+    global _TABLE
+    if _TABLE is None:
+        table = np.arange(1 << 16, dtype=np.uint32)
+        for c in range(1 << 16):
+            mapped = normalise(chr(c)) if not 0xD800 <= c < 0xE000 else ""
+            table[c] = ord(mapped) if len(mapped) == 1 else 0 if not mapped else c
+        _TABLE = table
+    return _TABLE
+
+
+def normalised_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """normalise() of each text as code points (uint64), concatenated, and the lengths: one table lookup
+    per character instead of Python string work. Characters beyond the BMP (rare CJK, emoji) are kept."""
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    mapped = np.where(codes < (1 << 16), _char_table()[np.minimum(codes, (1 << 16) - 1)], codes)
+    keep = mapped != 0
+    doc = np.repeat(np.arange(len(texts)), lengths)
+    return mapped[keep].astype(np.uint64), np.bincount(doc[keep], minlength=len(texts)).astype(np.int64)
+
+
 def mix64(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, elementwise on uint64 (a bijection that spreads every input bit)."""
     z = z ^ (z >> np.uint64(30))
@@ -53,10 +80,11 @@ def mix64(z: np.ndarray) -> np.ndarray:
 def shingle_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """64-bit hashes of every n-character shingle of each normalised text, and the index of its text.
     A normalised text shorter than n is one shingle; an empty one has none."""
-    normalised = [normalise(t) for t in texts]
-    lengths = np.fromiter(map(len, normalised), dtype=np.int64, count=len(normalised))
-    pad = "\0" * (n - 1)
-    codes = np.frombuffer((pad.join(normalised) + pad).encode("utf-32-le"), dtype="<u4").astype(np.uint64)
+    content, lengths = normalised_codes(texts)
+    # each text followed by n-1 zeros, so a short text is one zero-padded shingle
+    doc_of = np.repeat(np.arange(len(texts)), lengths)
+    codes = np.zeros(len(content) + len(texts) * (n - 1), dtype=np.uint64)
+    codes[np.arange(len(content)) + doc_of * (n - 1)] = content
     starts = np.concatenate([[0], np.cumsum(lengths + n - 1)[:-1]]) if len(texts) else np.zeros(0, np.int64)
     counts = np.where(lengths > 0, np.maximum(lengths - n + 1, 1), 0)
     doc = np.repeat(np.arange(len(texts)), counts)

@@ -120,8 +120,7 @@ QUALITY_CASES = {
 def test_each_quality_rule(rule):
     bad, good = QUALITY_CASES[rule]
     cfg = quality.QualityConfig()
-    assert quality.failed_rule(quality.edit_text(bad, cfg), cfg, quality.boilerplate_share(bad)) == rule
-    assert quality.failed_rule(quality.edit_text(good, cfg), cfg, quality.boilerplate_share(good)) is None
+    assert quality.judge([bad, good], cfg)[1] == [rule, None]
 
 
 def test_edits_collapse_punctuation_and_drop_boilerplate_lines():
