@@ -500,8 +500,16 @@ def _init_verifier(folders: list[str], parent_pid: int | None = None) -> None:
 
 
 def _verify(pairs: np.ndarray) -> np.ndarray:
-    """Exact Jaccard of each candidate pair (runs in a worker)."""
-    return np.array([minhash.jaccard(_STORE.get(a), _STORE.get(b)) for a, b in pairs.tolist()], dtype=np.float32)
+    """Exact Jaccard of each candidate pair (runs in a worker); each document's set is built once per chunk."""
+    sets: dict[int, np.ndarray] = {}
+
+    def token_set(key: int) -> np.ndarray:
+        if key not in sets:
+            sets[key] = minhash.token_set(_STORE.get(key))
+        return sets[key]
+
+    return np.array([minhash.jaccard(token_set(a), token_set(b), as_sets=True) for a, b in pairs.tolist()],
+                    dtype=np.float32)
 
 
 def candidate_pairs(folders: list[str], bands: int) -> np.ndarray:

@@ -140,9 +140,17 @@ def shingle_tokens(doc: np.ndarray, h: np.ndarray, n_docs: int) -> tuple[np.ndar
     return (h & _LOW32).astype(np.uint32), np.bincount(doc, minlength=n_docs)
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact Jaccard similarity of two token arrays as sets."""
-    a, b = np.unique(a), np.unique(b)
+def token_set(tokens: np.ndarray) -> np.ndarray:
+    """The sorted unique values of a token array (a sort and a neighbour compare: for the few hundred
+    tokens of a document several times faster than np.unique)."""
+    ordered = np.sort(tokens)
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) else ordered
+
+
+def jaccard(a: np.ndarray, b: np.ndarray, as_sets: bool = False) -> float:
+    """Exact Jaccard similarity of two token arrays as sets (`as_sets`: both already token_set()s)."""
+    if not as_sets:
+        a, b = token_set(a), token_set(b)
     if len(a) == 0 or len(b) == 0:
         return 0.0
     if len(a) > len(b):

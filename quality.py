@@ -205,9 +205,11 @@ RULE_NAMES = [rule.name for rule in RULES]
 def judge(raw_texts: list[str], cfg: QualityConfig, rules: list[Rule] = RULES) -> tuple[list[str], list[str | None]]:
     """The texts edited (edit_text), and per text the name of the first rule in `rules` it fails, or None.
     The boilerplate share is measured before the edit removes those lines; every other measure after."""
-    edited = [edit_text(t, cfg) for t in raw_texts]
+    has_boilerplate = [_BOILERPLATE.search(t) is not None for t in raw_texts]
+    edited = [edit_text(t, cfg, has) for t, has in zip(raw_texts, has_boilerplate)]
     measures = measure(edited, dup10_above=cfg.max_dup_10gram_chars)
-    measures["boilerplate"] = np.array([boilerplate_share(t) for t in raw_texts])
+    measures["boilerplate"] = np.array([boilerplate_share(t) if has else 0.0
+                                        for t, has in zip(raw_texts, has_boilerplate)])
     measures["dup_lines"] = np.array([dup_line_share(t) for t in edited])
     measures["urls"] = np.array([url_share(t) for t in edited])
     failed: list[str | None] = [None] * len(raw_texts)
@@ -219,9 +221,12 @@ def judge(raw_texts: list[str], cfg: QualityConfig, rules: list[Rule] = RULES) -
     return edited, failed
 
 
-def edit_text(text: str, cfg: QualityConfig) -> str:
-    """The document as it will be tokenized: boilerplate lines removed, punctuation runs collapsed."""
-    if cfg.strip_boilerplate and _BOILERPLATE.search(text):
+def edit_text(text: str, cfg: QualityConfig, has_boilerplate: bool | None = None) -> str:
+    """The document as it will be tokenized: boilerplate lines removed, punctuation runs collapsed.
+    `has_boilerplate`: whether _BOILERPLATE occurs in it, when the caller already knows."""
+    if has_boilerplate is None:
+        has_boilerplate = _BOILERPLATE.search(text) is not None
+    if cfg.strip_boilerplate and has_boilerplate:
         text = "\n".join(line for line in text.split("\n") if not is_boilerplate_line(line))
     if cfg.collapse_punctuation:
         text = _PUNCT_RUN.sub(lambda m: m.group(1) or m.group(2) * 2, text)
