@@ -159,8 +159,9 @@ class Batch(NamedTuple):
 
 
 class Result(NamedTuple):
-    """A worker's verdicts for one Batch: every good document's key and reason code, band keys and shingle
-    tokens of the kept ones, and the bad records as (where, reason)."""
+    """A worker's verdicts for one Batch: every good document's key and reason code; for the kept ones
+    with shingles, their band keys [docs, bands], index rows (key, where their tokens start, how many)
+    and shingle tokens; and the bad records as (where, reason)."""
     source: int
     file: int
     end: Position
@@ -222,21 +223,18 @@ def process_batch(batch: Batch) -> Result:
     docs = np.empty(len(texts), dtype=DOC_DTYPE)
     docs["key"] = np.asarray(numbers, dtype=np.uint64) + np.uint64(base)
     edited, docs["reason"] = judge_texts(texts, cfg)
-    band_dtype = np.dtype([("key", "<u8"), ("bands", "<u8", (cfg.bands,))])
     kept = np.flatnonzero(docs["reason"] == KEPT)
     if cfg.threshold is None or not len(kept):
         return Result(batch.source, batch.file, batch.end, batch.records_read, batch.file_done, errors, docs,
-                      np.empty(0, band_dtype), np.empty(0, INDEX_DTYPE), np.empty(0, np.uint32))
+                      np.empty((0, cfg.bands), np.uint64), np.empty(0, INDEX_DTYPE), np.empty(0, np.uint32))
     edited = [edited[i] for i in kept]
     doc, h = minhash.shingle_hashes(edited, cfg.shingle)
     tokens, counts = minhash.shingle_tokens(doc, h, len(edited))
     has = counts > 0   # a text of nothing but punctuation has no shingle: it cannot be a near-duplicate
     sig = minhash.signatures(doc, h, len(edited), cfg.bands * cfg.rows)
-    bands = np.empty(int(has.sum()), band_dtype)
-    bands["key"] = docs["key"][kept][has]
-    bands["bands"] = minhash.band_keys(sig, cfg.bands, cfg.rows)[has]
+    bands = minhash.band_keys(sig, cfg.bands, cfg.rows)[has]
     index = np.empty(len(bands), INDEX_DTYPE)
-    index["key"] = bands["key"]
+    index["key"] = docs["key"][kept][has]
     index["count"] = counts[has]
     index["offset"] = (np.cumsum(counts) - counts)[has]
     return Result(batch.source, batch.file, batch.end, batch.records_read, batch.file_done, errors, docs, bands,
@@ -322,14 +320,15 @@ def shard_dir(out: str, shard: tuple[int, int]) -> str:
 
 
 class ShardFiles:
-    """One shard's work on disk: append-only files (documents and reasons, band keys, shingle index and
-    tokens) and the state file that says how far they are valid."""
-    NAMES = ("docs", "bands", "index", "tokens")
+    """One shard's work on disk: append-only files (documents and reasons; the shingle index and tokens;
+    one file of keys per band, in index order, so the merge reads one band at a time) and the state file
+    that says how far they are valid."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, bands: int = 0):
         self.folder = folder
         self.state_path = os.path.join(folder, "state.json")
-        self.paths = {name: os.path.join(folder, f"{name}.bin") for name in self.NAMES}
+        names = ["docs", "index", "tokens"] + [f"band-{b}" for b in range(bands)]
+        self.paths = {name: os.path.join(folder, f"{name}.bin") for name in names}
         self.files: dict[str, Any] = {}
 
     def read_state(self) -> dict | None:
@@ -363,20 +362,20 @@ class ShardFiles:
             f.close()
         self.files = {}
 
-    def load(self, name: str, dtype: np.dtype) -> np.ndarray:
-        """A finished file as a read-only memmap (empty array for an empty file)."""
+    def load(self, name: str, dtype: np.dtype, mapped: bool = True) -> np.ndarray:
+        """A finished file as a read-only memmap, or (`mapped` False) read into memory."""
         if os.path.getsize(self.paths[name]) == 0:
             return np.empty(0, dtype)
-        return np.memmap(self.paths[name], dtype=dtype, mode="r")
+        return np.memmap(self.paths[name], dtype=dtype, mode="r") if mapped else np.fromfile(self.paths[name], dtype)
 
 
 class ShardRun:
     """Applies worker results in order: appends them, counts them, commits every ~2 s, resumes."""
 
-    def __init__(self, sources: list[CorpusSource], key: str, folder: str, strict: bool):
+    def __init__(self, sources: list[CorpusSource], key: str, folder: str, strict: bool, bands: int):
         self.sources, self.key = sources, key
         self.labels = source_labels(sources)
-        self.files = ShardFiles(folder)
+        self.files = ShardFiles(folder, bands)
         self.skiplog = SkipLog(strict=strict)
         self.counts = [Counter() for _ in sources]
         self.cursor = Cursor()
@@ -418,9 +417,10 @@ class ShardRun:
         index = result.index.copy()
         index["offset"] += np.uint64(self.token_offset)
         self.token_offset += len(result.tokens)
-        for name, array in (("docs", result.docs), ("bands", result.bands), ("index", index),
-                            ("tokens", result.tokens)):
+        for name, array in (("docs", result.docs), ("index", index), ("tokens", result.tokens)):
             self.files.files[name].write(array.tobytes())
+        for b in range(result.bands.shape[1] if len(result.bands) else 0):
+            self.files.files[f"band-{b}"].write(np.ascontiguousarray(result.bands[:, b]).tobytes())
         self.cursor = (Cursor(result.source, result.file + 1) if result.file_done
                        else Cursor(result.source, result.file, result.end))
         self.batches += 1
@@ -446,7 +446,7 @@ class ShardRun:
 def signature_pass(sources: list[CorpusSource], cfg: CleanConfig, key: str, out: str, shard: tuple[int, int],
                    workers: int, strict: bool = False, batch_docs: int = BATCH_DOCS) -> ShardRun:
     """Judge and sign this shard's documents (resuming an interrupted pass of the same command)."""
-    run = ShardRun(sources, key, shard_dir(out, shard), strict)
+    run = ShardRun(sources, key, shard_dir(out, shard), strict, cfg.bands if cfg.threshold is not None else 0)
     run.start()
     if run.done:
         return run
@@ -514,12 +514,11 @@ def _verify(pairs: np.ndarray) -> np.ndarray:
 
 def candidate_pairs(folders: list[str], bands: int) -> np.ndarray:
     """Unique candidate pairs over all bands, one band in memory at a time, grouped by sorting."""
-    shards = [ShardFiles(folder).load("bands", np.dtype([("key", "<u8"), ("bands", "<u8", (bands,))]))
-              for folder in folders]
-    keys = np.concatenate([s["key"] for s in shards])
+    shards = [ShardFiles(folder, bands) for folder in folders]
+    keys = np.concatenate([s.load("index", INDEX_DTYPE, mapped=False)["key"] for s in shards])
     found = np.empty((0, 2), dtype=np.uint64)
     for b in tqdm(range(bands), desc="group band keys", unit="band", dynamic_ncols=True):
-        hashes = np.concatenate([np.asarray(s["bands"][:, b]) for s in shards])
+        hashes = np.concatenate([s.load(f"band-{b}", np.dtype("<u8"), mapped=False) for s in shards])
         found = np.unique(np.concatenate([found, minhash.band_pairs(hashes, keys)]), axis=0)
     return found
 
