@@ -185,3 +185,12 @@ def test_data_process_clean_skips_exactly_the_removed(planted, tmp_path, tokeniz
     assert data_process.main(args) == 1                                         # ... so the decisions are refused
     err = capsys.readouterr().err
     assert "copies.jsonl: not the file the decisions" in err and "Traceback" not in err
+
+
+def test_nothing_readable_exits_nonzero(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('not json\n{"other": 1}\n', encoding="utf-8")
+    assert data_clean.main([f"--corpus=jsonl:text={bad}", f"--out={tmp_path / 'out'}", "--workers=1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:1: malformed JSON" in err and f"{bad}:2: missing field 'text'" in err
+    assert "no readable document" in err
