@@ -470,23 +470,25 @@ def signature_pass(sources: list[CorpusSource], cfg: CleanConfig, key: str, out:
 # ---------------------------------------------------------------- merge: candidates, exact check, clusters
 
 class TokenStore:
-    """The shingle tokens of every signed document, across shards, looked up by document key."""
+    """The shingle tokens of every signed document, across shards, looked up by document key. Tokens are
+    read with pread, not mapped, so memory holds only the index (28 bytes per document), however large
+    the token files."""
 
     def __init__(self, folders: list[str]):
         shards = [ShardFiles(folder) for folder in folders]
-        self.tokens = [s.load("tokens", np.dtype("<u4")) for s in shards]
-        indexes = [s.load("index", INDEX_DTYPE) for s in shards]
+        self.fds = [os.open(s.paths["tokens"], os.O_RDONLY) for s in shards]
+        indexes = [s.load("index", INDEX_DTYPE, mapped=False) for s in shards]
         keys = np.concatenate([ix["key"] for ix in indexes]) if indexes else np.empty(0, np.uint64)
-        self.order = np.argsort(keys, kind="stable")
-        self.keys = keys[self.order]
-        self.shard = np.concatenate([np.full(len(ix), i) for i, ix in enumerate(indexes)])[self.order]
-        self.offset = np.concatenate([ix["offset"] for ix in indexes])[self.order]
-        self.count = np.concatenate([ix["count"] for ix in indexes])[self.order]
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.shard = np.concatenate([np.full(len(ix), i) for i, ix in enumerate(indexes)])[order]
+        self.offset = np.concatenate([ix["offset"] for ix in indexes])[order]
+        self.count = np.concatenate([ix["count"] for ix in indexes])[order]
 
     def get(self, key: int) -> np.ndarray:
         i = int(np.searchsorted(self.keys, np.uint64(key)))
-        start = int(self.offset[i])
-        return np.asarray(self.tokens[self.shard[i]][start:start + int(self.count[i])])
+        data = os.pread(self.fds[self.shard[i]], 4 * int(self.count[i]), 4 * int(self.offset[i]))
+        return np.frombuffer(data, dtype="<u4")
 
 
 _STORE: TokenStore | None = None
