@@ -8,7 +8,7 @@
 Stages (DESIGN.md, STYLE.md rule 12): (1) the signature pass streams every record (corpus_io readers,
 bad records counted in a SkipLog), and in `workers` processes edits each document, applies the quality
 rules, and for those kept computes MinHash band keys and shingle tokens; all of it is appended to files
-on disk, committed every ~2 s with a state file, so a kill -9 and the same command again continues where
+on disk, committed every ~10 s with a state file, so a kill -9 and the same command again continues where
 the last commit stood and ends with the same files. `--shard i/N` runs that pass over every N-th block
 of records on N machines. (2) The merge reads the band keys one band at a time, groups equal keys by
 sorting, checks each candidate pair's exact shingle Jaccard, joins the duplicates into clusters (union by
@@ -50,8 +50,8 @@ KEPT, NEAR_DUP_CODE = 0, len(REASONS) - 1
 SOURCE_BITS, FILE_BITS, RECORD_BITS = 8, 20, 36
 SHARD_BLOCK = 1024           # shards take turns by blocks of this many records of a file
 BATCH_DOCS = 256
-COMMIT_SECONDS = 2.0
-COMMIT_EVERY_ENV = "MCG_DATA_CLEAN_COMMIT_EVERY"   # test hook: commit every N batches instead of every ~2 s
+COMMIT_SECONDS = 10.0       # a crash costs at most this much work; each commit fsyncs every band file
+COMMIT_EVERY_ENV = "MCG_DATA_CLEAN_COMMIT_EVERY"   # test hook: commit every N batches instead of every ~10 s
 KILL_AFTER_ENV = "MCG_DATA_CLEAN_KILL_AFTER"       # test hook: SIGKILL itself after N batches
 DOC_DTYPE = np.dtype([("key", "<u8"), ("reason", "u1")])
 INDEX_DTYPE = np.dtype([("key", "<u8"), ("offset", "<u8"), ("count", "<u4")])
@@ -370,7 +370,7 @@ class ShardFiles:
 
 
 class ShardRun:
-    """Applies worker results in order: appends them, counts them, commits every ~2 s, resumes."""
+    """Applies worker results in order: appends them, counts them, commits every ~10 s, resumes."""
 
     def __init__(self, sources: list[CorpusSource], key: str, folder: str, strict: bool, bands: int):
         self.sources, self.key = sources, key
@@ -518,11 +518,18 @@ def candidate_pairs(folders: list[str], bands: int) -> np.ndarray:
     """Unique candidate pairs over all bands, one band in memory at a time, grouped by sorting."""
     shards = [ShardFiles(folder, bands) for folder in folders]
     keys = np.concatenate([s.load("index", INDEX_DTYPE, mapped=False)["key"] for s in shards])
-    found = np.empty((0, 2), dtype=np.uint64)
+    # documents by their rank in key order, so a pair packs into one uint64 and np.unique is one fast sort
+    order = np.argsort(keys, kind="stable")
+    rank = np.empty(len(keys), dtype=np.uint64)
+    rank[order] = np.arange(len(keys), dtype=np.uint64)
+    found = np.empty(0, dtype=np.uint64)
     for b in tqdm(range(bands), desc="group band keys", unit="band", dynamic_ncols=True):
         hashes = np.concatenate([s.load(f"band-{b}", np.dtype("<u8"), mapped=False) for s in shards])
-        found = np.unique(np.concatenate([found, minhash.band_pairs(hashes, keys)]), axis=0)
-    return found
+        pairs = minhash.band_pairs(hashes, rank)
+        found = np.unique(np.concatenate([found, (pairs[:, 0] << np.uint64(32)) | pairs[:, 1]]))
+    ranked = keys[order]
+    return np.stack([ranked[(found >> np.uint64(32)).astype(np.int64)],
+                     ranked[(found & np.uint64(0xFFFFFFFF)).astype(np.int64)]], axis=1)
 
 
 def near_duplicates(folders: list[str], cfg: CleanConfig, workers: int) -> dict[str, np.ndarray]:

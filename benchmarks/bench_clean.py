@@ -35,7 +35,6 @@ sys.path.insert(0, REPO)
 REALDATA = os.path.join(os.path.dirname(REPO), "shared", "realdata")
 BOILERPLATE = ["版权所有 © 2023 健康网 保留所有权利", "点击查看更多相关文章", "首页 > 疾病百科 > 传染病",
                "扫一扫，关注微信公众号", "上一篇：流行性感冒的预防  下一篇：麻疹的护理", "免责声明：本文仅供参考"]
-_CJK = [chr(c) for c in range(0x4E00, 0x9FA5)]
 
 
 # ---------------------------------------------------------------- real documents and planted copies
@@ -76,11 +75,13 @@ def distinct(docs: list[str], below: float = 0.3) -> list[str]:
 
 
 def edit_chars(text: str, share: float, rng: random.Random) -> str:
-    """Replace, delete or insert a character at `share` of the positions."""
+    """Replace, delete or insert a character at `share` of the positions; new characters are drawn from
+    the text itself, as a rewording mostly uses the words around it (and so the seed's character sets are
+    not favoured or penalised by rare characters)."""
     chars = list(text)
     for i in rng.sample(range(len(chars)), int(share * len(chars))):
         op = rng.random()
-        chars[i] = rng.choice(_CJK) if op < 1 / 3 else "" if op < 2 / 3 else chars[i] + rng.choice(_CJK)
+        chars[i] = rng.choice(text) if op < 1 / 3 else "" if op < 2 / 3 else chars[i] + rng.choice(text)
     return "".join(chars)
 
 
