@@ -41,7 +41,7 @@ from tqdm import tqdm
 import minhash
 import quality as qrules
 from corpus_io import (READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog, extract_text,
-                       iter_raw, parse_payload, where_of, write_atomic_text)
+                       iter_raw, parse_payload, source_labels, where_of, write_atomic_text)
 
 VERSION = 1
 NEAR_DUPLICATE = "near_duplicate"
@@ -90,12 +90,6 @@ def split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ((keys >> np.uint64(FILE_BITS + RECORD_BITS)).astype(np.int64),
             ((keys >> np.uint64(RECORD_BITS)) & np.uint64((1 << FILE_BITS) - 1)).astype(np.int64),
             (keys & np.uint64((1 << RECORD_BITS) - 1)).astype(np.int64))
-
-
-def source_labels(sources: list[CorpusSource]) -> list[str]:
-    """Each source's name in counts and file names: its corpus name, numbered when a name repeats."""
-    names = [s.corpus.name for s in sources]
-    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
 
 def check_limits(sources: list[CorpusSource]) -> None:

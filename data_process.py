@@ -52,11 +52,11 @@ from tqdm import tqdm
 
 from corpus_io import (COMPRESSED_SUFFIXES, READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog,
                        describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, parse_corpus_spec,
-                       parse_payload, where_of, write_atomic_text)
+                       parse_payload, sample_corpus_specs, source_labels, text_keys, where_of,
+                       write_atomic_text)
+from cleaning import CleanPlan
+from tokenfile import default_val_path, manifest_path
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-SAMPLE_CORPORA = ["medical=data/sample/medical.jsonl", "wiki=data/sample/wiki.json",
-                  "baidubaike=data/sample/baike.jsonl"]
 DEFAULT_OUT = os.path.join("data", "pretrain_data.bin")
 DEFAULT_VAL_FRACTION = 0.01
 # The bundled sample is ~140 documents: 1% would hold out one or two, too few tokens for even one
@@ -84,19 +84,6 @@ class Options:
     batch_docs: int
     tokenizer: str
     clean: Any = None   # a cleaning.CleanPlan (--clean): records it drops, the edit for the rest
-
-
-def manifest_path(bin_path: str) -> str:
-    """`x/foo.bin` → `x/foo.json`."""
-    return os.path.splitext(bin_path)[0] + ".json"
-
-
-def default_val_path(out: str) -> str:
-    """pretrain_data.bin → pretrain_val.bin; any other foo.bin → foo_val.bin."""
-    folder, name = os.path.split(out)
-    stem, ext = os.path.splitext(name)
-    stem = stem[:-len("_data")] + "_val" if stem.endswith("_data") else stem + "_val"
-    return os.path.join(folder, stem + (ext or ".bin"))
 
 
 # ---------------------------------------------------------------- worker side: parse, extract, tokenize
@@ -151,11 +138,6 @@ def _exit_with_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(0.5)
     os._exit(1)
-
-
-def text_keys(text: str) -> bytes:
-    """16-byte hash of the whitespace-normalised text: bytes 0-7 the dedup key, 8-15 the val-split key."""
-    return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
 
 
 def encode_batch(batch: Batch) -> Encoded:
@@ -373,7 +355,7 @@ class Run:
     def __init__(self, opts: Options, identity: dict, eos_id: int):
         self.opts, self.identity, self.eos_id = opts, identity, eos_id
         self.key = run_key(opts, identity)
-        self.labels = _source_labels(opts.sources)
+        self.labels = source_labels(opts.sources)
         self.partials = PartialFiles(opts)
         self.skiplog = SkipLog(strict=opts.strict)
         self.stats = [SourceStats() for _ in opts.sources]
@@ -547,12 +529,6 @@ class Run:
                 "tokens": stats.tokens if train else stats.val_tokens}
 
 
-def _source_labels(sources: list[CorpusSource]) -> list[str]:
-    """Each source's name in counts and tables: its corpus name, numbered when a name repeats."""
-    names = [s.corpus.name for s in sources]
-    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
-
-
 def _remove(path: str) -> None:
     try:
         os.remove(path)
@@ -703,19 +679,9 @@ def build_options(args: argparse.Namespace) -> Options:
         raise CorpusError("--val-out must differ from --out")
     clean = None
     if args.clean:
-        from cleaning import CleanPlan
         clean = CleanPlan.load(args.clean, sources)
     return Options(sources, args.out, val_out, args.val_fraction, args.min_tokens, not args.no_dedup,
                    args.strict, args.workers, args.batch_docs, args.tokenizer, clean)
-
-
-def sample_corpus_specs() -> list[str]:
-    """The bundled sample corpora as --corpus specs with absolute paths (the default when none is given)."""
-    specs = []
-    for spec in SAMPLE_CORPORA:
-        name, path = spec.split("=", 1)
-        specs.append(f"{name}={os.path.join(REPO_DIR, path)}")
-    return specs
 
 
 def main(argv: list[str] | None = None) -> int:
