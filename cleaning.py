@@ -479,10 +479,15 @@ class TokenStore:
         self.offset = np.concatenate([ix["offset"] for ix in indexes])[order]
         self.count = np.concatenate([ix["count"] for ix in indexes])[order]
 
-    def get(self, key: int) -> np.ndarray:
-        i = int(np.searchsorted(self.keys, np.uint64(key)))
-        data = os.pread(self.fds[self.shard[i]], 4 * int(self.count[i]), 4 * int(self.offset[i]))
-        return np.frombuffer(data, dtype="<u4")
+    def get_many(self, keys: np.ndarray) -> dict[int, np.ndarray]:
+        """The tokens of each key (one index search for all of them)."""
+        keys = np.unique(keys)
+        at = np.searchsorted(self.keys, keys)
+        out = {}
+        for key, shard, offset, count in zip(keys.tolist(), self.shard[at].tolist(), self.offset[at].tolist(),
+                                             self.count[at].tolist()):
+            out[key] = np.frombuffer(os.pread(self.fds[shard], 4 * count, 4 * offset), dtype="<u4")
+        return out
 
 
 _STORE: TokenStore | None = None
@@ -497,15 +502,8 @@ def _init_verifier(folders: list[str], parent_pid: int | None = None) -> None:
 
 def _verify(pairs: np.ndarray) -> np.ndarray:
     """Exact Jaccard of each candidate pair (runs in a worker); each document's set is built once per chunk."""
-    sets: dict[int, np.ndarray] = {}
-
-    def token_set(key: int) -> np.ndarray:
-        if key not in sets:
-            sets[key] = minhash.token_set(_STORE.get(key))
-        return sets[key]
-
-    return np.array([minhash.jaccard(token_set(a), token_set(b), as_sets=True) for a, b in pairs.tolist()],
-                    dtype=np.float32)
+    sets = {key: minhash.token_set(tokens) for key, tokens in _STORE.get_many(pairs.ravel()).items()}
+    return np.array([minhash.jaccard(sets[a], sets[b], as_sets=True) for a, b in pairs.tolist()], dtype=np.float32)
 
 
 def candidate_pairs(folders: list[str], bands: int) -> np.ndarray:
