@@ -167,15 +167,20 @@ def ours_removed(corpus: str, out: str, extra: list[str]) -> list[bool]:
 
 # ---------------------------------------------------------------- measurements
 
+# Runs the command from a small fresh interpreter and reports its peak RSS: measured directly from this
+# process, a child's high-water mark would include this (large) process's pages from before its exec.
+_PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+             "stderr=subprocess.DEVNULL).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
 def measure(cmd: list[str]) -> dict:
-    """Wall seconds and peak RSS (MB, largest process of the tree) of a subprocess."""
+    """Wall seconds and peak RSS (MB, largest process of the tree) of a command."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], capture_output=True, text=True)
+    if done.returncode != 0:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}")
-    return {"wall": time.perf_counter() - start, "rss_mb": usage.ru_maxrss / 1024, "stdout": stdout}
+    return {"wall": time.perf_counter() - start, "rss_mb": int(done.stdout.split()[-1]) / 1024}
 
 
 def speed_corpus(path: str, n_docs: int, pool: list[str], seed: int = 0) -> None:
