@@ -51,8 +51,12 @@ def _char_table() -> np.ndarray:
     if _TABLE is None:
         table = np.arange(1 << 16, dtype=np.uint32)
         for c in range(1 << 16):
-            mapped = normalise(chr(c)) if not 0xD800 <= c < 0xE000 else ""
-            table[c] = ord(mapped) if len(mapped) == 1 else 0 if not mapped else c
+            ch = chr(c)
+            if 0xD800 <= c < 0xE000:
+                table[c] = 0
+            elif not unicodedata.is_normalized("NFKC", ch) or not ch.isalnum() or ch != ch.lower():
+                mapped = normalise(ch)   # the slow path, for the few characters that change
+                table[c] = ord(mapped) if len(mapped) == 1 else 0 if not mapped else c
         _TABLE = table
     return _TABLE
 
