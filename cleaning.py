@@ -336,7 +336,8 @@ class ShardFiles:
         """Open every file: truncated to `lengths` (resume) or emptied (fresh start)."""
         os.makedirs(self.folder, exist_ok=True)
         for name, path in self.paths.items():
-            f = open(path, "r+b" if lengths else "wb", buffering=1 << 20)
+            # band files get a few KB per batch: a small buffer each (60 buffers of 1 MiB would be 60 MiB)
+            f = open(path, "r+b" if lengths else "wb", buffering=1 << 16 if name.startswith("band-") else 1 << 20)
             if lengths:
                 f.truncate(lengths[name])
                 f.seek(lengths[name])
