@@ -1,6 +1,6 @@
 """data_clean.py against the seed project's MinHash dedup: speed, memory, and what each removes.
 
-    python benchmarks/bench_clean.py                        # speed at 4k docs, memory at 4k and 16k, quality
+    python benchmarks/bench_clean.py                        # quality; speed at 16k docs; memory at 16k and 64k
     python benchmarks/bench_clean.py --docs=1000 --big=0    # a quick look
 
 The seed's method, reimplemented here as the baseline: datasketch MinHash with 256 permutations updated
@@ -262,8 +262,8 @@ def run_quality(tmp: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=4000)
-    parser.add_argument("--big", type=int, default=16000)
+    parser.add_argument("--docs", type=int, default=16000)
+    parser.add_argument("--big", type=int, default=64000)
     parser.add_argument("--seed-only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.seed_only:
