@@ -556,6 +556,10 @@ def merge(sources: list[CorpusSource], cfg: CleanConfig, key: str, described: li
           n_shards: int, workers: int) -> dict:
     """Combine the shards' passes into decisions, the report and decisions.json; the summary."""
     folders = [shard_dir(out, (i, n_shards)) for i in range(n_shards)]
+    try:   # decisions.json is the commit mark: none while the files it vouches for are being replaced
+        os.remove(os.path.join(out, "decisions.json"))
+    except FileNotFoundError:
+        pass
     labels = source_labels(sources)
     counts = [Counter() for _ in sources]
     skipped = [Counter() for _ in sources]

@@ -8,7 +8,8 @@
 The rules follow Gopher (Rae et al. 2021, as datatrove's GopherQualityFilter and GopherRepetitionFilter
 implement them) with characters in place of words, since Chinese has no spaces: a Chinese "word" is one
 to three characters, so the n-gram rules use character 5- and 10-grams with thresholds raised to match.
-Each rule is checked in RULES order; a document is counted under the first rule it fails. The character
+Repeated paragraphs are caught by the repeated-lines rule (a paragraph repeated repeats its lines; most
+Chinese corpora put one paragraph on a line). Each rule is checked in RULES order; a document is counted under the first rule it fails. The character
 measures are computed for a whole batch of texts at once with numpy (measure()).
 Thresholds were set so that none of the real documents in ../shared/realdata (a medical textbook chapter,
 medical Q&A, Wikipedia, Baike, WuDao records) fails any rule; tests/test_data_clean.py pins a positive and
