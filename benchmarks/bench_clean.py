@@ -1,7 +1,7 @@
 """data_clean.py against the seed project's MinHash dedup: speed, memory, and what each removes.
 
     python benchmarks/bench_clean.py                        # quality; speed at 16k docs; memory at 16k and 64k
-    python benchmarks/bench_clean.py --docs=1000 --big=0    # a quick look
+    python benchmarks/bench_clean.py --docs=2000 --big=0    # a quick look
 
 The seed's method, reimplemented here as the baseline: datasketch MinHash with 256 permutations updated
 once per character of the text (so a document is its set of single characters), MinHashLSH with
@@ -9,14 +9,16 @@ threshold 0.85, a document dropped when the index already holds a match. It gets
 signatures (a pool of 2) and the index in the main process.
 
 (1) Speed: a JSON Lines corpus of --docs documents generated from real text (../shared/realdata) by an
-    order-2 character Markov chain goes through the baseline and through `data_clean.py` with its default settings
-    and --workers=2, each in its own subprocess; documents/s of each and the ratio; peak RSS of
+    order-2 character Markov chain goes through the baseline and through `data_clean.py` with its default
+    settings and --workers=2, each in its own subprocess; documents/s of each and the ratio; peak RSS of
     data_clean.py for --docs and --big documents (it should not grow with the corpus).
+    It also runs datasketch at our settings (3-gram shingles, update_batch, 180 permutations,
+    MinHashLSH at 0.4), to compare the engines.
 (2) Quality: real documents (fever.txt paragraphs, medical Q&A, Wikipedia/Baike/WuDao records), made
     genuinely distinct (of any pair with exact 3-gram Jaccard >= 0.3 one is dropped), and planted
     near-duplicates of a third of them (5-10% of characters edited, two sentences swapped, boilerplate
     lines added or removed). Recall of the planted pairs and the share of distinct documents removed, for
-    both methods (data_clean.py with --quality=none, so only near-dedup is compared).
+    each method (data_clean.py with --quality=none, so only near-dedup is compared).
 """
 from __future__ import annotations
 
@@ -126,22 +128,36 @@ def write_jsonl(path: str, texts: list[str]) -> None:
 
 # ---------------------------------------------------------------- the seed's method
 
-def _seed_signature(text: str):
+# (num_perm, threshold, shingle): the seed's settings, one update per character; and datasketch at our
+# settings (3-gram shingles of the normalised text, one update_batch per document), to compare engines
+DATASKETCH = {"seed": (256, 0.85, None), "datasketch3": (180, 0.4, 3)}
+
+
+def _datasketch_signature(text: str, num_perm: int, shingle: int | None):
     from datasketch import MinHash
-    m = MinHash(num_perm=256)
-    for ch in text:
-        m.update(ch.encode("utf-8"))
+    m = MinHash(num_perm=num_perm)
+    if shingle is None:
+        for ch in text:
+            m.update(ch.encode("utf-8"))
+    else:
+        from minhash import normalise
+        t = normalise(text)
+        m.update_batch([t[i:i + shingle].encode("utf-8") for i in range(max(len(t) - shingle + 1, 1))])
     return m
 
 
-def seed_dedup(texts: list[str], workers: int = 2) -> list[bool]:
-    """The seed's MinHash dedup: True where a document is removed."""
+def datasketch_dedup(texts: list[str], engine: str = "seed", workers: int = 2) -> list[bool]:
+    """MinHash dedup with datasketch (signatures in a pool, MinHashLSH in this process): True where a
+    document is removed because the index already holds a match."""
+    from functools import partial
     from multiprocessing import Pool
     from datasketch import MinHashLSH
-    lsh = MinHashLSH(threshold=0.85, num_perm=256)
+    num_perm, threshold, shingle = DATASKETCH[engine]
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     removed = []
     with Pool(workers) as pool:
-        for i, m in enumerate(pool.imap(_seed_signature, texts, chunksize=16)):
+        signature = partial(_datasketch_signature, num_perm=num_perm, shingle=shingle)
+        for i, m in enumerate(pool.imap(signature, texts, chunksize=16)):
             dup = bool(lsh.query(m))
             if not dup:
                 lsh.insert(str(i), m)
@@ -225,11 +241,14 @@ def run_speed(tmp: str, n_docs: int, big: int, pool: list[str]) -> None:
     speed_corpus(corpus, n_docs, pool)
     with open(corpus, encoding="utf-8") as f:
         chars = sum(len(json.loads(line)["text"]) for line in f)
-    seed = measure([sys.executable, __file__, "--seed-only", corpus])
+    seed = measure([sys.executable, __file__, "--engine-only=seed", corpus])
+    engine = measure([sys.executable, __file__, "--engine-only=datasketch3", corpus])
     small = ours(corpus, f"{tmp}/speed_out")
     print(f"speed on {n_docs:,} documents ({chars / n_docs:.0f} characters each on average), 2 cores:")
     print(f"  seed (datasketch 256 perm, per-character, LSH 0.85): {n_docs / seed['wall']:8.0f} docs/s  "
           f"peak RSS {seed['rss_mb']:.0f} MB")
+    print(f"  datasketch, our shingles (180 perm, 3-grams, 0.4):   {n_docs / engine['wall']:8.0f} docs/s  "
+          f"peak RSS {engine['rss_mb']:.0f} MB (near-dedup only, no exact check)")
     print(f"  data_clean.py (defaults, --workers=2):              {n_docs / small['wall']:8.0f} docs/s  "
           f"= {seed['wall'] / small['wall']:.1f}x the seed")
     print(f"  peak RSS of data_clean.py on {n_docs:,} documents: signature pass {small['pass_mb']:.0f} MB, "
@@ -249,7 +268,8 @@ def run_quality(tmp: str) -> None:
     copies = {b for _, b in pairs}
     originals = [i for i in range(len(texts)) if i not in copies]
     print(f"quality: {len(docs):,} distinct real documents, {len(pairs):,} planted near-duplicates")
-    for name, removed in (("seed (datasketch, 0.85)", seed_dedup(texts)),
+    for name, removed in (("seed (datasketch, chars, 0.85)", datasketch_dedup(texts, "seed")),
+                          ("datasketch, 3-grams, 0.4", datasketch_dedup(texts, "datasketch3")),
                           ("data_clean.py (--quality=none)", ours_removed(corpus, f"{tmp}/q_out", ["--quality=none"]))):
         recall = sum(removed[a] or removed[b] for a, b in pairs) / len(pairs)
         # a pair counts once one of its two is gone; a distinct document wrongly removed is an original
@@ -264,11 +284,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=16000)
     parser.add_argument("--big", type=int, default=64000)
-    parser.add_argument("--seed-only", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-only", default=None, choices=list(DATASKETCH), help=argparse.SUPPRESS)
+    parser.add_argument("corpus", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.seed_only:
-        with open(args.seed_only, encoding="utf-8") as f:
-            seed_dedup([json.loads(line)["text"] for line in f])
+    if args.engine_only:
+        with open(args.corpus, encoding="utf-8") as f:
+            datasketch_dedup([json.loads(line)["text"] for line in f], args.engine_only)
         return
     pool = real_documents()
     with tempfile.TemporaryDirectory() as tmp:
