@@ -83,7 +83,7 @@ class Options:
     workers: int
     batch_docs: int
     tokenizer: str
-    clean: Any = None   # a cleaning.CleanPlan (--clean): records it drops, the edit for the rest
+    clean: CleanPlan | None = None   # --clean: the records it drops, the edit for the rest
 
 
 # ---------------------------------------------------------------- worker side: parse, extract, tokenize
