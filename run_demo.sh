@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole Mini-Chinese-GPT pipeline on the bundled samples, tiny preset, CPU, in a few minutes:
-#   tokenize → pretrain → SFT data → SFT → perplexity + continuation → answers + medical multiple choice
+#   clean + tokenize → pretrain → SFT data → SFT → perplexity + continuation → answers + medical multiple choice
 #   → Hugging Face export + transformers generate → a piped chat exchange.
 #
 #   bash run_demo.sh                    # outputs in data/, sft_data/, out/ (as the real commands use)
@@ -33,8 +33,10 @@ stage() {  # stage NAME COMMAND...: run one stage, report its time, stop the dem
   printf -- '---- %s done in %ss\n' "$name" $((SECONDS - t0))
 }
 
-stage "1/8 tokenize the pretraining sample" \
-  $PYTHON data_process.py --out "$DATA"
+SAMPLE="--corpus medical=data/sample/medical.jsonl --corpus wiki=data/sample/wiki.json --corpus baidubaike=data/sample/baike.jsonl"
+stage "1/8 clean (quality rules, near-duplicates) and tokenize the pretraining sample" \
+  bash -c "$PYTHON data_clean.py $SAMPLE --out '$ROOT/data/clean' && \
+           $PYTHON data_process.py $SAMPLE --val-fraction=0.1 --out '$DATA' --clean '$ROOT/data/clean'"
 stage "2/8 pretrain (tiny preset, CPU)" \
   $PYTHON pretrain.py --preset=tiny --data="$DATA" --out_dir="$PRE_OUT" --max_iters="$PRETRAIN_ITERS" \
     --micro_batch_size=8 --grad_accum_steps=1 --seq_len=128 --lr=2e-3 --min_lr=2e-4 --warmup_iters=10 \
@@ -78,6 +80,7 @@ stage "8/8 a piped chat exchange" \
 cat <<EOF
 
 ==== demo finished in $((SECONDS - START))s. What it made:
+  $ROOT/data/clean/report.md                   what cleaning removed and why
   $DATA (+ .json manifest, pretrain_val.bin)   tokenized pretraining sample
   $PRE_OUT/ckpt.pt, metrics.jsonl, loss.png    pretrained tiny model
   $SFT_CSV                                     SFT conversations
