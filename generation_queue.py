@@ -84,7 +84,8 @@ class GenerationQueue:
         self._pending: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
         self.active = 0
-        self.completed = 0
+        self.completed = 0   # finished (eos, max_new_tokens, stop string or error)
+        self.cancelled = 0   # dropped because the client went away
 
     @property
     def waiting(self) -> int:
@@ -112,10 +113,12 @@ class GenerationQueue:
                     for running in active:
                         running.pieces.close()
                     return
-                if not job.cancelled.is_set():
+                if job.cancelled.is_set():
+                    self.cancelled += 1
+                else:
                     active.append(self._begin(job))
-            self.active = len(active)
             active = [running for running in active if self._step(running)]
+            self.active = len(active)
 
     def _begin(self, job: Job) -> _Running:
         torch.manual_seed(job.seed)
@@ -127,6 +130,7 @@ class GenerationQueue:
         job = running.job
         if job.cancelled.is_set():
             running.pieces.close()
+            self.cancelled += 1
             return False
         self._set_rng_state(running.rng)
         try:

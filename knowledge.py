@@ -1,5 +1,5 @@
 """Retrieval from a knowledge file for serve.py: a Chinese-aware BM25 index (bm25s over jieba search-mode
-words), built once by streaming the file and cached beside it.
+words and character bigrams), built once by streaming the file and cached beside it.
 
     from knowledge import KnowledgeBase, rag_question
     kb = KnowledgeBase.open("data/medical_qa.jsonl")          # builds data/medical_qa.jsonl.bm25s/ once
@@ -34,6 +34,7 @@ from corpus_io import READ_ERRORS, BadRecord, CorpusError, SkipLog, file_layout,
 
 CACHE_SUFFIX = ".bm25s"
 CACHE_VERSION = 1          # bump when tokenisation or the cache layout changes
+_CJK = re.compile(r"[\u3400-\u9fff]+")
 _WORD = re.compile(r"[\w\u3400-\u9fff]", re.UNICODE)   # a token must hold a letter, digit or CJK character
 # function words and question words that would otherwise match every question in a Q&A file
 STOPWORDS = frozenset("的 了 是 在 和 与 及 或 吗 呢 吧 啊 呀 么 我 你 他 她 它 我们 你们 这 那 这个 那个 一个 有 有没有 "
@@ -45,9 +46,12 @@ jieba.setLogLevel(60)      # its dictionary-loading chatter goes to stderr at ev
 
 def tokenize_zh(text: str) -> list[str]:
     """Search-mode jieba words (a long medical term also yields its parts: 螺杆菌 -> 螺杆, 杆菌, 螺杆菌),
-    lower-cased, without punctuation, whitespace and stopwords."""
+    lower-cased, without punctuation, whitespace and stopwords, plus every pair of adjacent Chinese
+    characters, so a paraphrase that jieba cuts differently (幽门螺旋杆菌 / 幽门螺杆菌) still shares terms."""
     words = (w.strip().lower() for w in jieba.cut_for_search(text))
-    return [w for w in words if w and _WORD.search(w) and w not in STOPWORDS]
+    words = [w for w in words if w and _WORD.search(w) and w not in STOPWORDS]
+    pairs = (run[i:i + 2] for run in _CJK.findall(text) for i in range(len(run) - 1))
+    return words + [p for p in pairs if p not in STOPWORDS]
 
 
 @dataclass

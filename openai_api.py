@@ -440,6 +440,7 @@ def create_app(server: ModelServer) -> FastAPI:
         kb = server.knowledge
         return {"status": "ok", "model": server.config.model_name, "context": server.context,
                 "active": server.queue.active, "waiting": server.queue.waiting,
+                "completed": server.queue.completed, "cancelled": server.queue.cancelled,
                 "knowledge": None if kb is None else {"file": kb.path, "passages": len(kb),
                                                        "top_k": server.config.rag_top_k}}
 
