@@ -5,7 +5,7 @@ responses and server-sent-event streams, over a GenerationQueue.
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: GET / (the chat page), GET /health, GET /v1/models[/{id}], POST /v1/chat/completions,
-POST /v1/completions. Errors are `{"error": {"message", "type", "param", "code"}}`: 400 a bad value,
+POST /v1/completions; with an API key, the /v1 routes need `Authorization: Bearer KEY`. Errors are `{"error": {"message", "type", "param", "code"}}`: 400 a bad value,
 401 a missing or wrong API key, 404 an unknown model or route, 413 a body or prompt too large for the
 server or the model's context, 422 a field of the wrong type; the server keeps serving after each.
 
@@ -29,6 +29,7 @@ from typing import AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from generation_queue import GenerationQueue, Job
@@ -123,7 +124,8 @@ class ModelServer:
     """The model, its tokenizer, the knowledge base and the generation queue behind the routes."""
 
     def __init__(self, model, tokenizer, device: str, config: ServerConfig, knowledge: KnowledgeBase | None = None):
-        self.model, self.tokenizer, self.device, self.config, self.knowledge = model, tokenizer, device, config, knowledge
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.config, self.knowledge = config, knowledge
         self.queue = GenerationQueue(model, tokenizer, device, config.dtype, config.max_active)
         self.seeds = random.Random(config.seed)
         self.created = int(time.time())
@@ -139,6 +141,14 @@ class Prompt:
     ids: list[int]
     dropped_turns: int = 0
     sources: list[dict] | None = None      # None: retrieval off for this request
+
+
+def check_key(server: ModelServer, request: Request) -> None:
+    """401 unless the request carries `Authorization: Bearer KEY` when the server has --api_key."""
+    key = server.config.api_key
+    if key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
+        raise APIError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)", None,
+                       "invalid_api_key")
 
 
 def check_model(server: ModelServer, name: str | None) -> None:
@@ -339,6 +349,14 @@ async def collect(reply: Reply, request: Request) -> JSONResponse:
 
 
 async def stream(reply: Reply, request: Request) -> AsyncIterator[str]:
+    try:
+        async for line in _stream_lines(reply, request):
+            yield line
+    finally:   # the client went away (this generator was closed early): stop its generation
+        reply.job.cancelled.set()
+
+
+async def _stream_lines(reply: Reply, request: Request) -> AsyncIterator[str]:
     if reply.kind == "chat":
         yield sse(reply.chunk(None, first=True))
     async for event in job_events(reply.job, request):
@@ -381,13 +399,13 @@ async def read_body(request: Request, limit: int, schema: type[BaseModel]) -> Ba
 
 
 async def answer(server: ModelServer, request: Request, kind: Literal["chat", "text"]):
+    check_key(server, request)
     req = await read_body(request, server.config.max_body_bytes, ChatRequest if kind == "chat" else CompletionRequest)
     check_model(server, req.model)
     options, stop, seed = generation_options(server, req)
-    if kind == "chat":
-        prompt = chat_prompt(server, req, options["max_new_tokens"])
-    else:
-        prompt = completion_prompt(server, req, options["max_new_tokens"])
+    # tokenising and retrieval run in a worker thread, so the streams being served are not held up
+    layout = chat_prompt if kind == "chat" else completion_prompt
+    prompt = await run_in_threadpool(layout, server, req, options["max_new_tokens"])
     job = Job(prompt.ids, options, stop, seed, asyncio.get_running_loop())
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     reply = Reply(kind, prompt, job, bool(req.stream_options and req.stream_options.include_usage),
@@ -413,18 +431,13 @@ def create_app(server: ModelServer) -> FastAPI:
 
     app = FastAPI(title="Mini-Chinese-GPT", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        key = server.config.api_key
-        given = request.headers.get("authorization", "")
-        if key and request.url.path.startswith("/v1") and not secrets.compare_digest(given, f"Bearer {key}"):
-            return APIError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)", None,
-                            "invalid_api_key").response()
-        return await call_next(request)
-
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_request: Request, exc: Exception):
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -445,11 +458,13 @@ def create_app(server: ModelServer) -> FastAPI:
                                                        "top_k": server.config.rag_top_k}}
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        check_key(server, request)
         return {"object": "list", "data": [model_card(server)]}
 
     @app.get("/v1/models/{name:path}")
-    async def model(name: str):
+    async def model(request: Request, name: str):
+        check_key(server, request)
         check_model(server, name)
         return model_card(server)
 

@@ -92,4 +92,5 @@ def test_page_streams_an_answer_with_its_sources(browser, page_server):
     assert "四联疗法" in sources[0].text and "medical_qa.jsonl:2" in sources[0].text
 
     browser.find_element(By.ID, "reset").click()
-    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == [] and "reset" in browser.find_element(By.ID, "status").text
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
+    assert "reset" in browser.find_element(By.ID, "status").text
