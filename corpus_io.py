@@ -25,6 +25,7 @@ import bz2
 import codecs
 import glob
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -40,6 +41,9 @@ import ijson
 import zstandard
 from tqdm import tqdm
 
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+SAMPLE_CORPORA = ["medical=data/sample/medical.jsonl", "wiki=data/sample/wiki.json",
+                  "baidubaike=data/sample/baike.jsonl"]
 LAYOUTS = ("jsonl", "json_array", "txt", "hf")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 _READ_BUFFER = 1 << 20
@@ -603,6 +607,20 @@ def iter_corpus_texts(specs: Iterable[str], skiplog: SkipLog | None = None) -> I
     sources = [parse_corpus_spec(spec) for spec in specs]
     for source in sources:
         yield from iter_source_texts(source, skiplog)
+
+
+def sample_corpus_specs() -> list[str]:
+    """The bundled sample corpora as --corpus specs with absolute paths (the default when none is given)."""
+    specs = []
+    for spec in SAMPLE_CORPORA:
+        name, path = spec.split("=", 1)
+        specs.append(f"{name}={os.path.join(REPO_DIR, path)}")
+    return specs
+
+
+def text_keys(text: str) -> bytes:
+    """16-byte hash of the whitespace-normalised text: bytes 0-7 the dedup key, 8-15 the val-split key."""
+    return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
 
 
 # ---------------------------------------------------------------- counting skipped records

@@ -51,11 +51,9 @@ from tqdm import tqdm
 
 from corpus_io import (COMPRESSED_SUFFIXES, READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog,
                        describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, parse_corpus_spec,
-                       parse_payload, where_of, write_atomic_text)
+                       parse_payload, sample_corpus_specs, text_keys, where_of, write_atomic_text)
+from tokenfile import default_val_path, manifest_path
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-SAMPLE_CORPORA = ["medical=data/sample/medical.jsonl", "wiki=data/sample/wiki.json",
-                  "baidubaike=data/sample/baike.jsonl"]
 DEFAULT_OUT = os.path.join("data", "pretrain_data.bin")
 DEFAULT_VAL_FRACTION = 0.01
 # The bundled sample is ~140 documents: 1% would hold out one or two, too few tokens for even one
@@ -82,19 +80,6 @@ class Options:
     workers: int
     batch_docs: int
     tokenizer: str
-
-
-def manifest_path(bin_path: str) -> str:
-    """`x/foo.bin` → `x/foo.json`."""
-    return os.path.splitext(bin_path)[0] + ".json"
-
-
-def default_val_path(out: str) -> str:
-    """pretrain_data.bin → pretrain_val.bin; any other foo.bin → foo_val.bin."""
-    folder, name = os.path.split(out)
-    stem, ext = os.path.splitext(name)
-    stem = stem[:-len("_data")] + "_val" if stem.endswith("_data") else stem + "_val"
-    return os.path.join(folder, stem + (ext or ".bin"))
 
 
 # ---------------------------------------------------------------- worker side: parse, extract, tokenize
@@ -147,11 +132,6 @@ def _exit_with_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(0.5)
     os._exit(1)
-
-
-def text_keys(text: str) -> bytes:
-    """16-byte hash of the whitespace-normalised text: bytes 0-7 the dedup key, 8-15 the val-split key."""
-    return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
 
 
 def encode_batch(batch: Batch) -> Encoded:
@@ -689,15 +669,6 @@ def build_options(args: argparse.Namespace) -> Options:
         raise CorpusError("--val-out must differ from --out")
     return Options(sources, args.out, val_out, args.val_fraction, args.min_tokens, not args.no_dedup,
                    args.strict, args.workers, args.batch_docs, args.tokenizer)
-
-
-def sample_corpus_specs() -> list[str]:
-    """The bundled sample corpora as --corpus specs with absolute paths (the default when none is given)."""
-    specs = []
-    for spec in SAMPLE_CORPORA:
-        name, path = spec.split("=", 1)
-        specs.append(f"{name}={os.path.join(REPO_DIR, path)}")
-    return specs
 
 
 def main(argv: list[str] | None = None) -> int:

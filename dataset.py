@@ -31,129 +31,14 @@ it is refused: nothing would say which tokenizer the ids belong to.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import math
-import os
 import sys
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from chatglm_tokenizer import TokenizerError, check_same_tokenizer
-from data_process import manifest_path
-
-TOKEN_DTYPE = np.uint16
-MAKE_BIN_HINT = "run python data_process.py first"
-_SCAN_CHUNK_TOKENS = 1 << 26   # token-id range check of a manifest-less .bin, 128 MB at a time
-
-
-class DataError(RuntimeError):
-    """Missing, malformed or mismatched pretraining data; the message is one line naming the file."""
-
-
-def resolve_bin_paths(spec: str) -> list[str]:
-    """The .bin files named by `spec`: comma-separated paths or glob patterns, each glob sorted."""
-    paths: list[str] = []
-    for item in (part.strip() for part in spec.split(",")):
-        if not item:
-            continue
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else ([item] if os.path.exists(item) else [])
-        if not matches:
-            raise DataError(f"{item}: no such file; {MAKE_BIN_HINT} (it writes data/pretrain_data.bin)")
-        paths += matches
-    if not paths:
-        raise DataError(f"--data={spec!r} names no .bin file; {MAKE_BIN_HINT}")
-    return paths
-
-
-def read_manifest(bin_path: str) -> dict | None:
-    """The manifest beside `bin_path` as a dict, or None when there is none."""
-    path = manifest_path(bin_path)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc}); {MAKE_BIN_HINT} to rewrite it") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: manifest is not a JSON object; {MAKE_BIN_HINT} to rewrite it")
-    return manifest
-
-
-def manifest_tokenizer(manifest: dict, path: str) -> dict:
-    """The tokenizer identity {"path", "sha256", "vocab_size"} a manifest records."""
-    ident = manifest.get("tokenizer")
-    if not isinstance(ident, dict):
-        ident = {"path": ident, "sha256": manifest.get("tokenizer_sha256"), "vocab_size": manifest.get("vocab_size")}
-    if not ident.get("sha256") or not isinstance(ident.get("vocab_size"), int):
-        raise DataError(f"{manifest_path(path)}: manifest lacks the tokenizer sha256 / vocab_size; "
-                        f"{MAKE_BIN_HINT} to rewrite it")
-    return {"path": ident.get("path"), "sha256": ident["sha256"], "vocab_size": ident["vocab_size"]}
-
-
-def bin_tokenizer(bin_path: str) -> dict | None:
-    """The tokenizer identity the manifest beside `bin_path` records, or None when there is no manifest."""
-    manifest = read_manifest(bin_path)
-    return None if manifest is None else manifest_tokenizer(manifest, bin_path)
-
-
-def _open_tokens(path: str, manifest: dict | None) -> np.memmap | np.ndarray:
-    """Memory-map a .bin as uint16 after checking its size against the format and the manifest."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; {MAKE_BIN_HINT}")
-    size = os.path.getsize(path)
-    if size % 2:
-        raise DataError(f"{path}: {size} bytes is not a whole number of uint16 tokens (truncated or not a .bin)")
-    if manifest is not None:
-        if manifest.get("dtype", "uint16") != "uint16":
-            raise DataError(f"{manifest_path(path)}: dtype {manifest.get('dtype')!r}, expected uint16")
-        expected = manifest.get("tokens")
-        if isinstance(expected, int) and expected != size // 2:
-            raise DataError(f"{path}: holds {size // 2} tokens but its manifest says {expected} "
-                            f"(truncated or rewritten); {MAKE_BIN_HINT}")
-    if size == 0:
-        return np.zeros(0, dtype=TOKEN_DTYPE)
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-
-
-def _max_token(tokens: np.ndarray) -> int:
-    highest = 0
-    for start in range(0, len(tokens), _SCAN_CHUNK_TOKENS):
-        highest = max(highest, int(tokens[start:start + _SCAN_CHUNK_TOKENS].max()))
-    return highest
-
-
-def data_tokenizer(paths: list[str], expected: dict | None, log: bool = True) -> dict:
-    """The tokenizer identity of these .bin files, checked against `expected` (the run's, or None).
-
-    Every manifest must name the same tokenizer, and `expected` when given; a manifest-less file is
-    accepted with a warning only when `expected` is given (see the module docstring)."""
-    found, found_in = expected, "this run's --tokenizer"
-    for path in paths:
-        manifest = read_manifest(path)
-        if manifest is None:
-            if expected is None:
-                raise DataError(f"{path} has no manifest {manifest_path(path)}, so nothing says which tokenizer "
-                                f"made it: {MAKE_BIN_HINT}, or pass --tokenizer=DIR naming that tokenizer")
-            if log:
-                print(f"warning: {path} has no manifest; assuming it was made with {expected.get('path')} "
-                      f"(vocab {expected['vocab_size']}) and checking its token ids", file=sys.stderr)
-            continue
-        ident = manifest_tokenizer(manifest, path)
-        try:
-            if found is not None:
-                check_same_tokenizer(ident, found, path, found_in)
-        except TokenizerError as exc:
-            raise DataError(str(exc)) from None
-        if found is None:
-            found, found_in = ident, path
-    if found is None:
-        raise DataError(f"no tokenizer identity for {', '.join(paths)}")
-    return found
-
+from tokenfile import DataError, data_tokenizer, max_token, open_tokens, read_manifest, resolve_bin_paths
 
 class PretrainDataset:
     """BatchSource (see trainer.py) of next-token windows over one or many .bin files, for one rank."""
@@ -167,7 +52,7 @@ class PretrainDataset:
         self.seq_len, self.micro_batch_size = max_seq_len, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.tokenizer = data_tokenizer(self.paths, tokenizer, log=log and rank == 0)
-        self._tokens = [_open_tokens(p, read_manifest(p)) for p in self.paths]
+        self._tokens = [open_tokens(p, read_manifest(p)) for p in self.paths]
         self._check_ids()
         per_file = np.array([max(len(t) - 1, 0) // max_seq_len for t in self._tokens], dtype=np.int64)
         self._first_window = np.concatenate([[0], np.cumsum(per_file)])   # [files + 1]
@@ -184,7 +69,7 @@ class PretrainDataset:
         """A manifest-less file has not been vouched for: its ids must fit the vocabulary."""
         vocab = self.tokenizer["vocab_size"]
         for path, tokens in zip(self.paths, self._tokens):
-            highest = _max_token(tokens) if read_manifest(path) is None and len(tokens) else 0
+            highest = max_token(tokens) if read_manifest(path) is None and len(tokens) else 0
             if highest >= vocab:
                 raise DataError(f"{path}: token id {highest} >= vocab {vocab} of "
                                 f"{self.tokenizer.get('path')}: the file was made with another tokenizer")

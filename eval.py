@@ -63,13 +63,11 @@ from tqdm import tqdm
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, ChatGLMTokenizer, load_tokenizer, resolve_tokenizer_dir
 from corpus_io import SkipLog, file_layout, iter_records, write_atomic_text
-from data_process import manifest_path
-from dataset import bin_tokenizer
-from eval_pretrain import read_bin
 from inference import (InferenceError, add_model_args, add_prompt_args, add_sampling_args, autocast_for,
                        describe_model, load_for_inference, pick_device, prompt_budget, read_prompts, run_main,
                        sampling_kwargs, sft_prompt_ids, sft_turn, special_ids, stream_text)
 from model import Transformer
+from tokenfile import bin_tokenizer, manifest_path, read_bin
 
 FORMATS = ("ceval", "cmmlu", "cmb", "cmexam", "medqa")
 FILE_SUFFIX = {"ceval": ".csv", "cmmlu": ".csv", "cmb": ".json", "cmexam": ".csv", "medqa": ".jsonl"}

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from chatglm_tokenizer import ChatGLMTokenizer, check_same_tokenizer, tokenizer_identity
+from chatglm_tokenizer import ChatGLMTokenizer
 from corpus_io import SkipLog, field_text, file_layout, iter_records, write_atomic_text
-from dataset import bin_tokenizer
 from inference import (InferenceError, add_model_args, add_prompt_args, add_sampling_args, autocast_for,
                        describe_model, document_prompt_ids, load_for_inference, pick_device, read_prompts,
                        run_main, sampling_kwargs, special_ids, stream_text)
 from model import Transformer
+from tokenfile import read_bin
 
 DEFAULT_DATA = "data/pretrain_val.bin"
 BUILTIN_PROMPTS = [
@@ -74,18 +74,6 @@ class PerplexityReport:
 
 
 # ---------------------------------------------------------------- reading the held-out tokens
-
-def read_bin(path: str, tokenizer_folder: str) -> np.ndarray:
-    """Tokens of a data_process.py .bin (uint16, documents + <eos>); refuses one whose manifest (the .json
-    beside it) names another tokenizer."""
-    recorded = bin_tokenizer(path)
-    if recorded is not None:
-        check_same_tokenizer(recorded, tokenizer_identity(tokenizer_folder), f"data {path}",
-                             f"tokenizer folder {tokenizer_folder}")
-    if os.path.getsize(path) % 2:
-        raise InferenceError(f"{path}: {os.path.getsize(path)} bytes is not a whole number of uint16 tokens")
-    return np.memmap(path, dtype=np.uint16, mode="r")
-
 
 def _iter_documents(path: str, text_field: str, skiplog: SkipLog) -> Iterator[str]:
     layout = file_layout(path)

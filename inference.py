@@ -28,10 +28,10 @@ import torch
 from chatglm_tokenizer import (DEFAULT_TOKENIZER, ChatGLMTokenizer, TokenizerError, check_same_tokenizer,
                                load_tokenizer, resolve_tokenizer_dir, tokenizer_identity)
 from corpus_io import CorpusError
-from dataset import DataError
 from dataset_sft import Turn, layout_sample
 from model import CheckpointError, Transformer, load_model
-from trainer import native_bf16
+from precision import native_bf16
+from tokenfile import DataError
 
 REPLACEMENT_CHAR = "\ufffd"   # what SentencePiece decodes an incomplete UTF-8 byte sequence to
 

@@ -20,9 +20,10 @@ import os
 import sys
 
 from chatglm_tokenizer import tokenizer_identity
-from data_process import default_val_path
-from dataset import DataError, PretrainDataset, data_tokenizer, resolve_bin_paths
-from trainer import TrainConfig, configure, resolve_model_args, run_cli, train
+from dataset import PretrainDataset
+from train_config import TrainConfig
+from trainer import configure, resolve_model_args, run_cli, train
+from tokenfile import DataError, data_tokenizer, default_val_path, resolve_bin_paths
 
 DEFAULTS = TrainConfig(data="data/pretrain_data.bin", out_dir="out/pretrain", preset="92m", lr=3e-4, min_lr=3e-5,
                        micro_batch_size=16, grad_accum_steps=2, epochs=1.0)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_identity
 from dataset_sft import DEFAULT_BUCKET_BATCHES, SFTDataError, SFTDataset, build_sft_datasets
-from trainer import ConfigError, TrainConfig, configure, recorded_tokenizer, resolve_model_args, run_cli, train
+from train_config import ConfigError, TrainConfig
+from trainer import configure, recorded_tokenizer, resolve_model_args, run_cli, train
 
 
 @dataclass

@@ -53,8 +53,7 @@ from tqdm import tqdm
 from chatglm_tokenizer import DEFAULT_TOKENIZER, TokenizerError, resolve_tokenizer_dir, tokenizer_identity
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
 from corpus_io import (CorpusError, CorpusSource, SkipLog, ensure_output_folder, iter_source_texts, parse_corpus_spec,
-                       write_atomic_text)
-from data_process import sample_corpus_specs, text_keys
+                       sample_corpus_specs, text_keys, write_atomic_text)
 
 MAX_VOCAB = 65535            # ids 0..65534: every one fits a uint16 token file
 MIN_VOCAB = 300              # 3 specials + 256 byte pieces + 5 GLM specials, and a few characters

@@ -1,4 +1,5 @@
-"""The one training loop, shared by pretrain.py and sft.py: config, distributed setup, checkpoints, logging.
+"""The one training loop, shared by pretrain.py and sft.py: distributed setup, the run plan, the loop, logging.
+The config lives in train_config.py, precision in precision.py, checkpoint files in checkpoint.py.
 
     python pretrain.py --preset=tiny --max_iters=200                       # CPU demo
     torchrun --standalone --nproc_per_node=4 pretrain.py --preset=92m      # 4 GPUs, DDP
@@ -6,7 +7,8 @@
         pretrain.py --preset=218m --fsdp                                   # FSDP2 over 16 GPUs
     python pretrain.py --help                                              # every TrainConfig field
 
-    from trainer import TrainConfig, configure, resolve_model_args, train, run_cli
+    from train_config import TrainConfig
+    from trainer import configure, resolve_model_args, train, run_cli
     cfg, ctx = configure(sys.argv[1:], TrainConfig(out_dir="out/sft", lr=2e-5))   # flags over the defaults
     # (over the checkpoint's saved config with --resume); ctx: rank, world_size, device, with or without torchrun
     model_args = resolve_model_args(cfg, ctx, tokenizer_identity)
@@ -23,250 +25,34 @@ one process with 2x accumulation computes exactly what two processes compute.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import ctypes
 import dataclasses
 import gc
-import inspect
 import json
 import math
 import os
-import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
+from checkpoint import (CKPT_BEST, CKPT_LATEST, atomic_save, find_checkpoint, link_or_copy, rng_state,
+                        set_rng_state, step_checkpoints)
 from chatglm_tokenizer import TokenizerError, check_same_tokenizer
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
-from model import (PRESETS, CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file,
-                   model_args_from_preset)
+from model import CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file, model_args_from_preset
+from precision import Precision, choose_precision, peak_flops
+from train_config import ConfigError, TrainConfig, TrainError, format_config, parse_config, given_flags
 
-CKPT_LATEST, CKPT_BEST = "ckpt.pt", "best.pt"
-_STEP_CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
-_RESUME_KEYS = ("model", "optimizer", "step", "model_args", "config", "tokenizer", "data_state", "rng")
 # how a run was started, not how it trains: a resumed run never takes these from its checkpoint's config
 _START_FLAGS = ("resume", "init_from", "overwrite")
-
-
-class ConfigError(ValueError):
-    """A bad command-line flag or config value; the message names the flag."""
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or continue; the message is one line saying what to do."""
-
-
-# ------------------------------------------------------------------------------------------- config
-@dataclass
-class TrainConfig:
-    """Everything a training run reads. pretrain.py and sft.py set their own defaults; `--key=value` overrides."""
-
-    data: str = "data/pretrain_data.bin"
-    """Training data: .bin files or glob patterns, comma-separated (sft.py: its CSV)."""
-    val_data: str = ""
-    """Validation data; '' = the split data_process.py wrote beside the first data file, if any; 'none' = off."""
-    out_dir: str = "out/pretrain"
-    """Folder for checkpoints (ckpt.pt, ckpt_NNNNNNN.pt, best.pt), metrics.jsonl and loss.png."""
-    preset: str = "92m"
-    """Model size from model.PRESETS (tiny, 92m, 218m); with --resume or --init_from their shape is used instead."""
-    seq_len: int = 0
-    """Tokens per training sequence; 0 = the model's max_seq_len (preset or checkpoint)."""
-    tokenizer: str = ""
-    """Tokenizer folder the data must match; '' = the tokenizer named by the data's manifest."""
-    micro_batch_size: int = 16
-    """Sequences per forward/backward pass on each rank."""
-    grad_accum_steps: int = 2
-    """Micro batches per optimizer step on each rank (derived instead when batch_tokens > 0)."""
-    batch_tokens: int = 0
-    """Global batch in tokens per optimizer step; > 0 sets grad_accum_steps = batch_tokens /
-    (micro_batch_size * seq_len * world_size), which must divide exactly."""
-    max_iters: int = 0
-    """Optimizer steps of the whole run; 0 = as many as `epochs` passes over the training data take."""
-    epochs: float = 1.0
-    """Passes over the training data when max_iters is 0."""
-    lr: float = 3e-4
-    """Peak learning rate (after warmup)."""
-    min_lr: float = 3e-5
-    """Learning rate at the end of the cosine decay and after it."""
-    warmup_iters: int = -1
-    """Steps of linear warmup; -1 = min(1000, max_iters // 10)."""
-    lr_decay_iters: int = 0
-    """Step at which the cosine decay reaches min_lr; 0 = max_iters."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices (embeddings, linear weights) only, never to norms."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 = no clipping."""
-    dtype: str = "auto"
-    """auto | bf16 | fp16 | fp32. auto = bf16 on GPUs with native bf16 (Ampere or newer), else fp16 with a
-    GradScaler; fp32 on CPU.
-    Master weights, optimizer state and checkpoints are always fp32."""
-    compile: str = "auto"
-    """auto | true | false: torch.compile the model. auto = on with CUDA, off on CPU."""
-    fsdp: bool = False
-    """Shard parameters, gradients and optimizer state with FSDP2 (fully_shard) instead of replicating (DDP)."""
-    eval_interval: int = 500
-    """Evaluate on the validation data every this many steps (and at the start and the end)."""
-    eval_iters: int = 50
-    """Validation micro batches per rank per evaluation."""
-    save_interval: int = 1000
-    """Write a checkpoint every this many steps (and at the end)."""
-    keep_last: int = 3
-    """Step-numbered checkpoints to keep; ckpt.pt is always the newest, best.pt the best validation loss."""
-    log_interval: int = 10
-    """Log loss, lr, tokens/s and MFU every this many steps (metrics.jsonl, progress bar)."""
-    seed: int = 1337
-    """Seed of the initial weights, the data order and dropout."""
-    resume: bool = False
-    """Continue the run in out_dir from its newest readable checkpoint (weights, optimizer, data position, RNG)
-    with the settings it saved; flags given with --resume override them."""
-    init_from: str = ""
-    """Start from these weights (a checkpoint, a seed-style .pth or an exported HF folder), fresh optimizer."""
-    overwrite: bool = False
-    """Start a new run in an out_dir that already holds one, deleting its checkpoints (without it, refused)."""
-    max_bad_steps: int = 20
-    """Stop after this many steps in a row whose loss or gradient was not finite (each one is skipped)."""
-    tensorboard: bool = False
-    """Also log to TensorBoard (out_dir/tensorboard); needs the tensorboard package."""
-    wandb_project: str = ""
-    """Also log to this Weights & Biases project; needs the wandb package."""
-    wandb_run_name: str = ""
-    """Name of the wandb run; '' = wandb's default."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.compile, bool):
-            self.compile = str(self.compile).lower()
-        self.dtype, self.compile = self.dtype.lower(), self.compile.lower()
-        choices = {"dtype": ("auto", "bf16", "fp16", "fp32"), "compile": ("auto", "true", "false")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name}={getattr(self, name)}: choose one of {', '.join(allowed)}")
-        for name in ("micro_batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "save_interval",
-                     "keep_last", "log_interval", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 1")
-        for name in ("seq_len", "batch_tokens", "max_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
-        if self.preset not in PRESETS:
-            raise ConfigError(f"--preset={self.preset}: choose one of {', '.join(PRESETS)}")
-        self._check_optimizer_values()
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other: --overwrite deletes the run --resume "
-                              "would continue")
-        if self.resume and self.init_from:
-            raise ConfigError(f"--resume and --init_from={self.init_from} exclude each other: --resume continues "
-                              f"the run in --out_dir, --init_from starts a new run from weights")
-
-    def _check_optimizer_values(self) -> None:
-        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(f"--lr={self.lr} --min_lr={self.min_lr}: need lr > 0 and 0 <= min_lr <= lr")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
-        if self.warmup_iters < -1:
-            raise ConfigError(f"--warmup_iters={self.warmup_iters}: must be >= 0, or -1 for the default")
-        if self.epochs <= 0 and self.max_iters == 0:
-            raise ConfigError(f"--epochs={self.epochs}: must be > 0 when --max_iters is 0")
-
-
-def _parse_value(name: str, kind: Any, text: str) -> Any:
-    """`text` as the type of field `name`; ConfigError naming --name when it does not parse."""
-    try:
-        if kind is bool or kind == "bool":
-            lowered = text.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return lowered in ("true", "1", "yes")
-        if kind is int or kind == "int":
-            number = float(text.replace("_", ""))     # accepts 2e4 and 20_000
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if kind is float or kind == "float":
-            return float(text)
-        return text
-    except ValueError:
-        kind_name = getattr(kind, "__name__", kind)
-        raise ConfigError(f"--{name}={text}: expected {kind_name}") from None
-
-
-def _split_flags(argv: list[str]) -> Iterator[tuple[str, str]]:
-    """(key, value) pairs of `--key=value`, `--key value` and bare `--key` (= true)."""
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"unexpected argument {arg!r}: flags look like --key=value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            value = argv[i + 1] if has_value else "true"
-            i += has_value
-        yield key.replace("-", "_"), value
-        i += 1
-
-
-def _given_flags(argv: list[str], cls: type) -> dict[str, Any]:
-    """The flags argv gives, as values of the types of dataclass `cls`'s fields."""
-    kinds = {f.name: f.type for f in fields(cls)}
-    given: dict[str, Any] = {}
-    for key, value in _split_flags(argv):
-        if key not in kinds:
-            raise ConfigError(f"unknown flag --{key} (--help lists them)")
-        given[key] = _parse_value(key, kinds[key], value)
-    return given
-
-
-def parse_config(argv: list[str], defaults: TrainConfig) -> TrainConfig:
-    """`defaults` with `--key=value` overrides applied (any dataclass works, e.g. a TrainConfig subclass).
-    Values are checked against the field types; `--flag` alone means true. --help prints every field."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(config_help(type(defaults), defaults))
-        raise SystemExit(0)
-    return dataclasses.replace(defaults, **_given_flags(argv, type(defaults)))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of dataclass `cls` (and its bases), read from the source."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        try:
-            body = ast.parse(inspect.getsource(klass)).body[0].body
-        except (OSError, TypeError, IndexError, AttributeError):
-            continue
-        for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) \
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
-def config_help(cls: type, defaults: Any) -> str:
-    docs = field_docs(cls)
-    lines = ["flags (--key=value; --flag alone = true):"]
-    for f in fields(cls):
-        flag = f"--{f.name}={getattr(defaults, f.name)}"
-        lines.append(f"  {flag:<34} {docs.get(f.name, '')}")
-    return "\n".join(lines)
-
-
-def format_config(cfg: Any) -> str:
-    return "config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items())
 
 
 # -------------------------------------------------------------------------------------- distributed
@@ -353,7 +139,7 @@ def configure(argv: list[str], defaults: ConfigT) -> tuple[ConfigT, DistContext]
     saved = _on_rank0(ctx, lambda: find_checkpoint(cfg.out_dir, report=False)[0]["config"])
     names = {f.name for f in fields(cfg)} - {"out_dir", *_START_FLAGS}   # other keys: fields this version lacks
     carried = {k: v for k, v in saved.items() if k in names}
-    return dataclasses.replace(cfg, **(carried | _given_flags(argv, type(defaults)))), ctx
+    return dataclasses.replace(cfg, **(carried | given_flags(argv, type(defaults)))), ctx
 
 
 def _all_reduce(ctx: DistContext, tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
@@ -362,43 +148,7 @@ def _all_reduce(ctx: DistContext, tensor: torch.Tensor, op: Any = None) -> torch
     return tensor
 
 
-# ---------------------------------------------------------------------------- precision, LR, MFU
-@dataclass
-class Precision:
-    name: str                              # bf16 | fp16 | fp32
-    autocast_dtype: torch.dtype | None     # None = no autocast (fp32)
-
-    @property
-    def use_scaler(self) -> bool:
-        return self.name == "fp16"
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU computes in bf16 itself (Ampere, compute capability 8.0, or newer; ROCm). A bare
-    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4, RTX 20xx): slow, and
-    without some kernels. torch < 2.4 lacks its including_emulation keyword: the capability is read instead."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:
-        return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def choose_precision(dtype: str, device: torch.device) -> Precision:
-    """dtype auto -> bf16 where the GPU computes in it natively, else fp16 (with a GradScaler); fp32 on CPU."""
-    if dtype == "auto":
-        dtype = ("bf16" if native_bf16(device) else "fp16") if device.type == "cuda" else "fp32"
-    elif dtype == "bf16" and device.type == "cuda" and not native_bf16(device):
-        raise ConfigError(f"--dtype=bf16: {torch.cuda.get_device_name(device)} has no native bf16 (only a slow "
-                          f"emulation); use --dtype=fp16 (with a GradScaler) or --dtype=auto")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
-    return Precision(dtype, autocast_dtype)
-
-
+# ------------------------------------------------------------------------------------ LR schedule
 def get_lr(step: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then min_lr.
     A pure function of the step, so resuming needs no scheduler state."""
@@ -408,24 +158,6 @@ def get_lr(step: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_iter
         return min_lr
     progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-# Dense bf16/fp16 tensor-core peak FLOP/s (fp32 accumulate) from NVIDIA's spec sheets, most specific name first.
-PEAK_FLOPS: list[tuple[str, float]] = [
-    ("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
-    ("L40S", 366e12), ("L40", 181e12), ("L4", 121e12), ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12),
-    ("RTX 4090", 165e12), ("RTX 4080", 97.5e12), ("RTX 3090 Ti", 80e12), ("RTX 3090", 71e12),
-    ("RTX 3080", 59.5e12), ("V100", 125e12), ("T4", 65e12),
-]
-
-
-def peak_flops(device: torch.device, precision: Precision) -> float | None:
-    """Per-device peak FLOP/s for MFU, or None (CPU, fp32, or a GPU not in PEAK_FLOPS: tokens/s only)."""
-    if device.type != "cuda" or precision.autocast_dtype is None:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
 
 
 # ------------------------------------------------------------------------------------- batch plan
@@ -558,97 +290,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 # -------------------------------------------------------------------------------------- checkpoints
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to path.tmp, fsync, rename into place: a crash leaves the old file or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path or ".", os.O_RDONLY)
-    except OSError:   # platforms that cannot open a directory (Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Make dst the same file as src (a hard link costs no space or time; a copy where links fail), atomically."""
-    tmp = dst + ".tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def step_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of out_dir's ckpt_NNNNNNN.pt files, newest first."""
-    if not os.path.isdir(out_dir):
-        return []
-    found = [(int(m.group(1)), os.path.join(out_dir, name))
-             for name in os.listdir(out_dir) if (m := _STEP_CKPT.match(name))]
-    return sorted(found, reverse=True)
-
-
-def find_checkpoint(out_dir: str, report: bool = True) -> tuple[dict, str]:
-    """The newest checkpoint of out_dir that loads and holds everything resuming needs. Unreadable ones
-    (truncated by a crash, corrupt) are reported and the previous one is used."""
-    candidates = [path for _, path in step_checkpoints(out_dir)] + [os.path.join(out_dir, CKPT_LATEST)]
-    problems: list[str] = []
-    tried: list[str] = []
-    for path in candidates:
-        if not os.path.isfile(path) or any(os.path.samefile(path, t) for t in tried):
-            continue
-        tried.append(path)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            missing = [k for k in _RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
-            reason = f"lacks {', '.join(missing)}" if missing else ""
-        except Exception as exc:   # truncated zip, garbage bytes: anything torch.load can raise
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        if not reason:
-            if problems and report:
-                print(f"warning: {'; '.join(problems)}; resuming from the previous checkpoint {path}", file=sys.stderr)
-            return ckpt, path
-        problems.append(f"{path} is unreadable or incomplete ({reason})")
-    if problems:
-        raise TrainError(f"--resume: no usable checkpoint in {out_dir}: {'; '.join(problems)}")
-    raise TrainError(f"--resume: {out_dir} holds no checkpoint (ckpt.pt); drop --resume to start a new run")
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every RNG state as plain lists / tensors (so torch.load(weights_only=True) reads it back)."""
-    py_version, py_keys, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"python": [py_version, list(py_keys), py_gauss],
-             "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-             "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    py_version, py_keys, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_keys), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np.array(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _gather_objects(ctx: DistContext, obj: Any) -> list:
     if not ctx.distributed:
         return [obj]
@@ -808,7 +449,7 @@ def save_checkpoint(run: Run) -> None:
         atomic_save({"model": model_state, "optimizer": optim_state, "scaler": run.scaler.state_dict(),
                      "data_state": data_state, "rng": rngs, "skipped_steps": run.skipped_steps,
                      **_checkpoint_meta(run)}, path)
-        _link_or_copy(path, os.path.join(run.cfg.out_dir, CKPT_LATEST))
+        link_or_copy(path, os.path.join(run.cfg.out_dir, CKPT_LATEST))
         for _, old in step_checkpoints(run.cfg.out_dir)[run.cfg.keep_last:]:
             os.remove(old)
     _on_rank0(run.ctx, write)

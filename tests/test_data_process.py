@@ -315,7 +315,7 @@ def test_bare_run_on_bundled_sample(tmp_path, tokenizer_dir, monkeypatch, capsys
 def test_empty_val_split_is_not_published(tmp_path, tokenizer_dir, capsys):
     texts = ["高血压患者应当减少食盐摄入。", "糖尿病患者应当定期检查眼底。"]
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
-    split_keys = [int.from_bytes(data_process.text_keys(t)[8:], "little") for t in texts]
+    split_keys = [int.from_bytes(corpus_io.text_keys(t)[8:], "little") for t in texts]
     assert min(split_keys) >= 0.01 * 2 ** 64   # neither falls in a 1% split
     (tmp_path / "p_val.bin").write_bytes(b"\x01\x00")
     rc, err = dp([f"--corpus=medical={corpus}", f"--out={tmp_path / 'p.bin'}", "--val-fraction=0.01"],

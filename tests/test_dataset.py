@@ -14,8 +14,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data_process import manifest_path
-from dataset import DataError, PretrainDataset, data_tokenizer, resolve_bin_paths
+from dataset import PretrainDataset
+from tokenfile import DataError, data_tokenizer, manifest_path, resolve_bin_paths
 
 SYNTH_VOCAB = 512
 SYNTH_TOKENIZER = {"path": "synthetic", "sha256": "5e" * 32, "vocab_size": SYNTH_VOCAB}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import checkpoint
 import pretrain
 import trainer
 from test_trainer import assert_same_weights, flags, load, make_data, train_losses
@@ -39,7 +40,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    _, path = trainer.find_checkpoint(str(tmp_path / "killed"), report=False)
+    _, path = checkpoint.find_checkpoint(str(tmp_path / "killed"), report=False)
     target = load(path)["step"] + 4
     resumed = python_pretrain(flags(data, tmp_path / "killed", max_iters=target, **common) + ["--resume"],
                               tmp_path / "resumed.log")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import sft
+import train_config
 import trainer
 from chatglm_tokenizer import load_tokenizer, tokenizer_identity
 from conftest import torchrun
@@ -160,7 +161,7 @@ def test_validation_comes_from_a_split_a_separate_file_or_nowhere(sample_csv, sm
     rows = len(read_sft_csv(sample_csv))
 
     def datasets(**overrides):
-        cfg = trainer.parse_config(flags(sample_csv, small_tokenizer, tmp_path, **overrides), sft.DEFAULTS)
+        cfg = train_config.parse_config(flags(sample_csv, small_tokenizer, tmp_path, **overrides), sft.DEFAULTS)
         return sft.build_datasets(cfg, tokenizer, 48, 0, 1)
     train_ds, val_ds = datasets()
     assert len(train_ds.samples) + len(val_ds.samples) == rows and len(val_ds.samples) >= rows // 10
@@ -175,7 +176,7 @@ def test_validation_comes_from_a_split_a_separate_file_or_nowhere(sample_csv, sm
 def test_step_loss_is_the_mean_over_answer_tokens_of_the_whole_step(sample_csv, small_tokenizer, tmp_path):
     """3 micro batches of different answer-token counts: the trainer's step loss and gradient are those
     of (sum of every answer token's loss) / (answer tokens in the step), not a mean of batch means."""
-    cfg = trainer.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", grad_accum_steps=3,
+    cfg = train_config.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", grad_accum_steps=3,
                                      grad_clip=0, bucket_batches=1), sft.DEFAULTS)
     ctx = trainer.setup_distributed()
     identity = tokenizer_identity(small_tokenizer)
@@ -212,7 +213,7 @@ def test_step_loss_is_the_mean_over_answer_tokens_of_the_whole_step(sample_csv, 
 def test_padded_token_budget_is_an_upper_bound_and_flops_count_real_lengths(sample_csv, small_tokenizer, tmp_path):
     """SFT batches pad to their longest sample, shorter than seq_len: micro_batch_size x seq_len x accum is
     the most a step can train on, not what it trains on; MFU counts each sample's attention at its length."""
-    cfg = trainer.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", seq_len=512), sft.DEFAULTS)
+    cfg = train_config.parse_config(flags(sample_csv, small_tokenizer, tmp_path / "out", seq_len=512), sft.DEFAULTS)
     ctx = trainer.setup_distributed()
     identity = tokenizer_identity(small_tokenizer)
     model_args = trainer.resolve_model_args(cfg, ctx, identity)

@@ -20,8 +20,7 @@ import sentencepiece as spm
 import train_tokenizer
 from chatglm_tokenizer import load_tokenizer, tokenizer_identity
 from conftest import REPO
-from corpus_io import iter_corpus_texts
-from data_process import sample_corpus_specs
+from corpus_io import iter_corpus_texts, sample_corpus_specs
 
 SMALL_VOCAB = 4000  # the bundled sample's characters need about 1,900 ids at coverage 0.9995
 

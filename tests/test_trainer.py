@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+import precision
 import pretrain
+import train_config
 import trainer
 from model import Transformer, load_model
 from test_dataset import SYNTH_TOKENIZER, write_bin
-from trainer import ConfigError, TrainConfig, get_lr, parse_config
+from train_config import ConfigError, TrainConfig, parse_config
+from trainer import get_lr
 
 SINGLE = trainer.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))   # one process
 BASE_FLAGS = dict(preset="tiny", seq_len=16, micro_batch_size=2, grad_accum_steps=2, lr=3e-3, min_lr=3e-4,
@@ -89,7 +92,7 @@ def test_help_lists_every_field_with_its_docstring(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--help"], TrainConfig())
     out = capsys.readouterr().out
-    docs = trainer.field_docs(TrainConfig)
+    docs = train_config.field_docs(TrainConfig)
     for f in trainer.fields(TrainConfig):
         assert f"--{f.name}=" in out and docs.get(f.name), f.name
 
@@ -104,9 +107,9 @@ def test_lr_is_warmup_then_cosine_to_min_lr():
 
 def test_precision_and_mfu_on_cpu():
     cpu = torch.device("cpu")
-    assert trainer.choose_precision("auto", cpu).name == "fp32"
-    assert trainer.choose_precision("fp16", cpu).use_scaler
-    assert trainer.peak_flops(cpu, trainer.choose_precision("bf16", cpu)) is None
+    assert precision.choose_precision("auto", cpu).name == "fp32"
+    assert precision.choose_precision("fp16", cpu).use_scaler
+    assert precision.peak_flops(cpu, precision.choose_precision("bf16", cpu)) is None
 
 
 PRE_AMPERE, AMPERE = ("Tesla V100-SXM2-32GB", (7, 0)), ("NVIDIA A100-SXM4-80GB", (8, 0))
@@ -132,19 +135,19 @@ def fake_gpu(monkeypatch, gpu: tuple[str, tuple[int, int]], has_emulation_keywor
 @pytest.mark.parametrize("has_emulation_keyword", [True, False])
 def test_auto_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, has_emulation_keyword):
     """A V100 or T4 only emulates bf16 (slowly): dtype auto must pick fp16 with a GradScaler there."""
-    ampere = trainer.choose_precision("auto", fake_gpu(monkeypatch, AMPERE, has_emulation_keyword))
+    ampere = precision.choose_precision("auto", fake_gpu(monkeypatch, AMPERE, has_emulation_keyword))
     assert (ampere.name, ampere.autocast_dtype, ampere.use_scaler) == ("bf16", torch.bfloat16, False)
-    volta = trainer.choose_precision("auto", fake_gpu(monkeypatch, PRE_AMPERE, has_emulation_keyword))
+    volta = precision.choose_precision("auto", fake_gpu(monkeypatch, PRE_AMPERE, has_emulation_keyword))
     assert (volta.name, volta.autocast_dtype, volta.use_scaler) == ("fp16", torch.float16, True)
 
 
 def test_bf16_asked_for_on_a_gpu_without_native_bf16_is_a_config_error(monkeypatch):
     gpu = fake_gpu(monkeypatch, PRE_AMPERE)
     with pytest.raises(ConfigError) as err:
-        trainer.choose_precision("bf16", gpu)
+        precision.choose_precision("bf16", gpu)
     message = str(err.value)
     assert message.startswith("--dtype=bf16: Tesla V100") and "--dtype=fp16" in message and "\n" not in message
-    assert trainer.choose_precision("bf16", fake_gpu(monkeypatch, AMPERE)).name == "bf16"
+    assert precision.choose_precision("bf16", fake_gpu(monkeypatch, AMPERE)).name == "bf16"
 
 
 # ------------------------------------------------------------------------------ runs and resuming
