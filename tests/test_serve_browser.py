@@ -1,5 +1,6 @@
 """The chat page of serve.py in a real browser: headless Debian Chromium driven by Selenium loads `/`,
-sends a message, sees the answer stream in and, with retrieval on, its sources.
+sends a message, sees the answer stream in and, with retrieval on, its sources; a second message carries the
+first turn; reset clears the conversation.
 
     python -m pytest -q tests/test_serve_browser.py      # needs: apt-get install chromium chromium-driver
 """
@@ -90,6 +91,18 @@ def test_page_streams_an_answer_with_its_sources(browser, page_server):
     assert len(set(seen)) > 1 and all(answer.startswith(t) for t in seen)   # it grew piece by piece
     assert len(sources) == len(expected.sources)
     assert "四联疗法" in sources[0].text and "medical_qa.jsonl:2" in sources[0].text
+
+    follow_up = "需要复查吗？"                                                 # a second turn: the page sends the first
+    browser.find_element(By.ID, "input").send_keys(follow_up + "\n")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".sources")) == 2)
+    second = browser.execute_script("return [...document.querySelectorAll('.msg.assistant')].pop().textContent")
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": follow_up}]
+    expected = client.chat.completions.create(model="page", messages=messages, temperature=0, top_p=0.9,
+                                              max_tokens=24)
+    alone = client.chat.completions.create(model="page", messages=messages[2:], temperature=0, top_p=0.9,
+                                           max_tokens=24)
+    assert second == expected.choices[0].message.content != alone.choices[0].message.content
 
     browser.find_element(By.ID, "reset").click()
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
