@@ -115,8 +115,12 @@ class GenerationQueue:
                     return
                 if job.cancelled.is_set():
                     self.cancelled += 1
-                else:
+                    continue
+                try:
                     active.append(self._begin(job))
+                except Exception as exc:   # a bad job must not stop the worker that serves all the others
+                    self._post(job, ("error", f"generation failed to start: {type(exc).__name__}: {exc}"))
+                    self._finish(job, None)
             active = [running for running in active if self._step(running)]
             self.active = len(active)
 

@@ -182,6 +182,8 @@ def generation_options(server: ModelServer, req: SamplingRequest) -> tuple[dict,
     if len(stop) > 4:
         raise APIError(400, f"at most 4 stop sequences, got {len(stop)}", "stop")
     seed = req.seed if req.seed is not None else server.seeds.getrandbits(63)
+    if not -2 ** 63 <= seed < 2 ** 64:   # what torch.manual_seed takes
+        raise APIError(400, f"seed must be in [-2**63, 2**64), got {seed}", "seed")
     options = {"max_new_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                "repetition_penalty": penalty, "eos_id": special_ids(server.tokenizer)[1]}
     return options, stop, seed

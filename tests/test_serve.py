@@ -6,6 +6,7 @@ concurrency, bad requests, and retrieval (knowledge.py) with its recall@k on a m
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 from conftest import REPO
 from test_eval import save_tiny_checkpoint
 
-from generation_queue import StopMatcher
+from generation_queue import GenerationQueue, Job, StopMatcher
 from inference import document_prompt_ids, load_for_inference, prompt_budget, sft_prompt_ids, sft_turn
 from knowledge import KnowledgeBase, rag_question, tokenize_zh
 from openai_api import fit_passages
@@ -203,6 +204,29 @@ def test_stop_matcher_holds_back_a_possible_stop_string():
     assert matcher.push("止了") == ("", True)
 
 
+def test_a_failing_generation_does_not_stop_the_queue(local):
+    model, tok = local
+    options = {"max_new_tokens": 3, "temperature": 0, **SERVER_SAMPLING}
+
+    async def run() -> tuple[tuple, list[tuple]]:
+        loop = asyncio.get_running_loop()
+        queue = GenerationQueue(model, tok, "cpu")
+        queue.start()
+        bad, good = Job([10 ** 6], options, [], 0, loop), Job([5, 6, 1], options, [], 0, loop)
+        queue.submit(bad)
+        queue.submit(good)
+        bad_event, good_events = await bad.events.get(), [await good.events.get()]
+        while good_events[-1][0] == "text":
+            good_events.append(await good.events.get())
+        queue.close()
+        return bad_event, good_events
+
+    bad_event, good_events = asyncio.run(run())
+    assert bad_event[0] == "error" and "prompt token ids must be in" in bad_event[1]
+    assert good_events[-1] == ("done", "length", 3)
+    assert "".join(e[1] for e in good_events[:-1]) == generated(local, [5, 6, 1], 3)[0]
+
+
 def test_seed_reproduces_sampling(client, local):
     ids, _ = sft_prompt_ids(local[1], "感冒了怎么办？", [], 10_000)
     text, _ = generated(local, ids, 10, temperature=1.0, seed=42)
@@ -283,6 +307,8 @@ BAD_REQUESTS = [   # (body or bytes, api key, status, param or code the error na
     ({"messages": user("hi"), "temperature": "hot"}, API_KEY, 422, "temperature"),
     ({"messages": "hi"}, API_KEY, 422, "messages"),
     ({"messages": user("hi"), "n": 2}, API_KEY, 400, "n"),
+    ({"messages": user("hi"), "seed": 2 ** 70}, API_KEY, 400, "seed"),
+    ({"messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]}, API_KEY, 400, "stop"),
     ({"messages": user("x" * (1 << 20))}, API_KEY, 413, "request_too_large"),
     ({"messages": user("hi")}, "sk-wrong", 401, "invalid_api_key"),
 ]
