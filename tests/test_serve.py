@@ -329,6 +329,9 @@ def test_openai_client_raises_the_matching_errors(server, client):
         client.chat.completions.create(model="gpt-4", messages=user("hi"))
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.APIStatusError) as too_long:
+        client.completions.create(model="serve", prompt="头痛" * 400, max_tokens=8)
+    assert too_long.value.status_code == 413 and too_long.value.code == "context_length_exceeded"
     assert httpx.get(f"{server}/v1/nothing", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 404
 
 
