@@ -167,33 +167,45 @@ def _read_info(cache_dir: str) -> dict | None:
 
 
 def _build(path: str, cache_dir: str, source: dict) -> dict:
-    """Stream the file into token ids and a passage store, index them, and move the folder into place
-    (info.json, written last, marks a complete cache)."""
+    """Index the file into a temporary folder and move it into place (info.json, written last, marks a
+    complete cache); nothing is left behind when it fails."""
     tmp = f"{cache_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    skiplog, vocab, docs, offsets = SkipLog(), {}, [], []
     try:
-        with open(os.path.join(tmp, "passages.jsonl"), "wb") as store:
+        os.makedirs(tmp)
+        info = _index_into(path, tmp, source)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        os.replace(tmp, cache_dir)
+    except OSError as exc:
+        raise CorpusError(f"--knowledge {path}: cannot write its index {cache_dir} ({exc.strerror or exc})") \
+            from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{path}: indexed {info['passages']} passages ({info['words']} distinct words, "
+          f"{sum(info['skipped'].values())} records skipped) into {cache_dir}", file=sys.stderr)
+    return info
+
+
+def _index_into(path: str, folder: str, source: dict) -> dict:
+    """Stream the file into token ids and a passage store (passages.jsonl + byte offsets), then index."""
+    skiplog, vocab, docs, offsets = SkipLog(), {}, [], []
+    with open(os.path.join(folder, "passages.jsonl"), "wb") as store:
+        try:
             for line, text in tqdm(read_passages(path, skiplog), desc=f"indexing {path}", unit=" passages"):
                 offsets.append(store.tell())
                 store.write(json.dumps({"line": line, "text": text}, ensure_ascii=False).encode() + b"\n")
                 docs.append([vocab.setdefault(w, len(vocab)) for w in tokenize_zh(text)])
-    except READ_ERRORS as exc:
-        raise CorpusError(f"--knowledge {path}: cannot read it ({exc})") from None
+        except READ_ERRORS as exc:   # a truncated .gz, an unreadable file, ...
+            raise CorpusError(f"--knowledge {path}: cannot read it ({exc})") from None
     if not docs:
         raise CorpusError(f"--knowledge {path}: no passages read ({skiplog.total(path)} records skipped)")
     retriever = bm25s.BM25()
     retriever.index((docs, vocab), show_progress=False)
-    retriever.save(tmp, show_progress=False)
-    np.save(os.path.join(tmp, "passages.offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    retriever.save(folder, show_progress=False)
+    np.save(os.path.join(folder, "passages.offsets.npy"), np.asarray(offsets, dtype=np.int64))
     info = {"source": source, "passages": len(docs), "skipped": skiplog.counts(path), "words": len(vocab)}
-    with open(os.path.join(tmp, "info.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, "info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, ensure_ascii=False, indent=1)
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    os.replace(tmp, cache_dir)
-    print(f"{path}: indexed {len(docs)} passages ({len(vocab)} distinct words, {skiplog.total(path)} records "
-          f"skipped) into {cache_dir}", file=sys.stderr)
     return info
 
 
