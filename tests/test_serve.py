@@ -29,7 +29,7 @@ from test_eval import save_tiny_checkpoint
 from generation_queue import GenerationQueue, Job, StopMatcher
 from inference import document_prompt_ids, load_for_inference, prompt_budget, sft_prompt_ids, sft_turn
 from knowledge import KnowledgeBase, rag_question, tokenize_zh
-from openai_api import fit_passages
+from openai_api import APIError, ChatRequest, ModelServer, ServerConfig, chat_prompt, fit_passages
 
 KNOWLEDGE = os.path.join(REPO, "tests", "fixtures", "serve", "medical_qa.jsonl")
 API_KEY = "sk-test-key"
@@ -394,6 +394,17 @@ def test_passages_are_cut_to_fit_the_budget(local, knowledge_file):
     assert sources[1]["truncated"] and 16 <= len(sources[1]["text"]) < len(hits[1].text)
     assert hits[1].text.startswith(sources[1]["text"])
     assert fit_passages(tok, "", question, hits, len(tok.encode(question)) + 3) == (question, [])   # no room
+
+
+def test_retrieval_asked_of_a_server_without_knowledge_is_a_400(local):
+    model, tok = local
+    server = ModelServer(model, tok, "cpu", ServerConfig(model_name="plain"))
+    request = ChatRequest(messages=user("头痛怎么办？"), rag=True)
+    with pytest.raises(APIError) as error:
+        chat_prompt(server, request, 8)
+    assert (error.value.status, error.value.param) == (400, "rag")
+    request.rag = None                                     # the default without --knowledge: off
+    assert chat_prompt(server, request, 8).sources is None
 
 
 def test_retrieved_passages_reach_the_prompt_and_the_response(client, local, knowledge_file):
