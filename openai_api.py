@@ -79,7 +79,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields both endpoints take; unknown fields (user, logprobs, ...) are ignored as OpenAI's SDKs send them."""
     model: str | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -89,7 +89,7 @@ class SamplingRequest(BaseModel):
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int | None = 1                              # null, as some clients send it, means 1
 
 
 class ChatRequest(SamplingRequest):
@@ -160,7 +160,7 @@ def check_model(server: ModelServer, name: str | None) -> None:
 def generation_options(server: ModelServer, req: SamplingRequest) -> tuple[dict, list[str], int]:
     """(generate_stream keyword arguments, stop strings, seed) of a request, each value checked."""
     cfg = server.config
-    if req.n != 1:
+    if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "n")
     max_tokens = next((v for v in (req.max_completion_tokens, req.max_tokens) if v is not None), cfg.max_tokens)
     if not 1 <= max_tokens <= server.max_tokens_limit:
