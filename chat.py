@@ -9,7 +9,8 @@ answer being written and keeps the program running (that unfinished turn is not 
 that reached --max_new_tokens before `<eos>` ends with a `[cut at --max_new_tokens=N]` mark.
 
 Each question is laid out as SFT trained on: the earlier turns `prompt <bos> answer <eos>` oldest first,
-then `question <bos>`; the answer runs to `<eos>` or --max_new_tokens. When the conversation no longer
+then `question <bos>`; the answer runs to `<eos>` or --max_new_tokens (a cut answer stays in the conversation
+without an `<eos>`: the model never wrote one). When the conversation no longer
 fits the model's context (minus the room kept for the answer), the oldest turns are dropped, and a note
 says so. With stdin from a pipe or file, each line is a question, echoed before its answer.
 """
@@ -41,17 +42,18 @@ class ChatSession:
         self.budget = prompt_budget(model.args.max_seq_len, options["max_new_tokens"])
         self.notice = notice
         self.history: list[Turn] = []
-        self.last_answer_cut = False   # the last answer stopped at max_new_tokens, not at <eos>
+        self.cut: list[bool] = []      # per turn of history: its answer stopped at max_new_tokens, not at <eos>
+        self.last_answer_cut = False
 
     def reset(self) -> None:
-        self.history = []
+        self.history, self.cut = [], []
 
     def reply(self, question: str) -> Iterator[str]:
         """Text pieces of the answer as generated. The turn joins the history only when the answer is
         complete: a generator closed early (Ctrl-C) leaves the history as it was."""
-        ids, dropped = sft_prompt_ids(self.tokenizer, question, self.history, self.budget)
+        ids, dropped = sft_prompt_ids(self.tokenizer, question, self.history, self.budget, self.cut)
         if dropped:
-            self.history = self.history[dropped:]
+            self.history, self.cut = self.history[dropped:], self.cut[dropped:]
             print(f"(dropped the oldest {dropped} turn(s): the conversation no longer fits "
                   f"{self.budget} tokens)", file=self.notice)
         answer_ids: list[int] = []
@@ -59,6 +61,7 @@ class ChatSession:
             yield from stream_text(self.model, self.tokenizer, ids, self.options, self.device, answer_ids)
         self.last_answer_cut = len(answer_ids) >= self.options["max_new_tokens"]
         self.history.append(sft_turn(self.tokenizer, question, answer_ids))
+        self.cut.append(self.last_answer_cut)   # a cut answer is remembered without the <eos> it never had
 
 
 def stdin_reader(interactive: bool) -> Callable[[], str | None]:

@@ -32,7 +32,9 @@ import json
 import lzma
 import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
@@ -211,6 +213,18 @@ def write_atomic_text(path: str, text: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise CorpusError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def replace_folder(tmp: str, out: str) -> None:
+    """Move the finished folder `tmp` to `out` (same file system); an older `out` is swapped aside first, then
+    removed, so `out` is always either the old folder or the new one, never half-written."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}-old-", dir=os.path.dirname(os.path.abspath(out)))
+        os.replace(out, os.path.join(old, "previous"))
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------- records

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from corpus_io import (COMPRESSED_SUFFIXES, READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog,
                        describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, parse_corpus_spec,
                        parse_payload, sample_corpus_specs, text_keys, where_of, write_atomic_text)
-from tokenfile import default_val_path, manifest_path
+from tokenfile import default_val_path, manifest_path, with_token_offsets
 
 DEFAULT_OUT = os.path.join("data", "pretrain_data.bin")
 DEFAULT_VAL_FRACTION = 0.01
@@ -455,6 +455,8 @@ class Run:
     def finish(self) -> None:
         """Commit as done, then move each partial file into place and write its manifest. An empty val
         split is not published (pretrain.py would pick it up and find no window in it)."""
+        if not any(s.documents for s in self.stats):
+            self._nothing_usable()
         if not self.done:
             self.commit(done=True)
             self.partials.close()
@@ -466,6 +468,19 @@ class Run:
             self._no_val_split()
         _remove(self.partials.paths["digests"])
         _remove(self.partials.state_path)
+
+    def _nothing_usable(self) -> None:
+        """No training document survived: write nothing, leave no partial file, and say what was read."""
+        self.partials.close()
+        for path in [*self.partials.paths.values(), self.partials.state_path]:
+            _remove(path)
+        read = sum(s.documents_read for s in self.stats)
+        malformed = sum(sum(self.skiplog.counts(label).values()) for label in self.labels)
+        raise CorpusError(
+            f"no usable document in {', '.join(s.spec for s in self.opts.sources)}: {read:,} record(s) read, "
+            f"{malformed:,} malformed, {sum(s.too_short for s in self.stats):,} too short (--min-tokens), "
+            f"{sum(s.duplicate for s in self.stats):,} duplicate, {sum(s.val_documents for s in self.stats):,} held "
+            f"out for validation; nothing written to {self.opts.out}")
 
     def _publish(self, split: str, final: str) -> None:
         if os.path.exists(final + ".partial"):
@@ -494,7 +509,7 @@ class Run:
     def manifest(self, split: str) -> dict:
         """What training checks before using a .bin (tokenizer, dtype, eos) and what the run counted."""
         train = split == "train"
-        sources = [self._source_manifest(i, train) for i in range(len(self.stats))]
+        sources = with_token_offsets([self._source_manifest(i, train) for i in range(len(self.stats))])
         has_val = self.opts.val_out and any(s.val_documents for s in self.stats)
         other = (self.opts.val_out if has_val else None) if train else self.opts.out
         return {"split": split, "dtype": "uint16", "byte_order": "little", "eos_id": self.eos_id,

@@ -18,10 +18,16 @@ window, and no next-token target is lost at a window edge. Windows never span tw
 tokens left at a file's end are reported (`tail_tokens`), not trained on.
 
 Order. Epoch e is a permutation of all N windows seeded by (seed, e); the epochs are laid end to end into one
-global stream. Rank r of W takes the stream positions p with p % W == r, so ranks read disjoint windows that
-together cover each epoch exactly once, and an epoch boundary can fall inside a batch (nothing is dropped or
-repeated to make epochs divide evenly). The position is one number, `consumed` (windows this rank has read, the
-same on every rank), so a checkpoint's data state is rank-independent and restoring it continues exactly.
+global stream. A micro batch of W ranks x B windows takes the next W * B stream positions, rank r those with
+p % W == r, so ranks read disjoint windows that together cover each epoch exactly once, and an epoch boundary
+can fall inside a batch (nothing is dropped or repeated to make epochs divide evenly). The position is one
+number, `position` (stream positions all ranks have read together), the same on every rank and for any world
+size: a run resumed on another number of ranks continues the stream exactly, each window still once per epoch.
+
+Validation. eval_batches(n) scores about n windows chosen by eval_windows: per source (the manifest records
+where each data_process.py --corpus sits in the file; a window counts for the source of its first token), a
+share proportional to the source's size, spread evenly over it. The choice depends on the file only, so every
+world size scores the same windows, and every source is scored.
 
 Manifest policy. A .bin whose manifest names another tokenizer than the run's is refused (one line naming both).
 A .bin without a manifest (e.g. made by the seed project) is accepted with a warning when the run names its
@@ -38,7 +44,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tokenfile import DataError, data_tokenizer, max_token, open_tokens, read_manifest, resolve_bin_paths
+from tokenfile import (DataError, data_tokenizer, max_token, open_tokens, read_manifest, resolve_bin_paths,
+                       source_layout)
 
 class PretrainDataset:
     """BatchSource (see trainer.py) of next-token windows over one or many .bin files, for one rank."""
@@ -62,8 +69,9 @@ class PretrainDataset:
         if self.n_windows == 0:
             raise DataError(f"{', '.join(self.paths)}: {self.n_tokens} tokens make no window of max_seq_len+1="
                             f"{max_seq_len + 1} tokens; use more data or a smaller --seq_len")
-        self.consumed = 0   # windows this rank has read; identical on every rank
+        self.position = 0   # stream positions all ranks together have read; identical on every rank
         self._orders: dict[int, np.ndarray] = {}
+        self._source_windows: dict[str, np.ndarray] | None = None
 
     def _check_ids(self) -> None:
         """A manifest-less file has not been vouched for: its ids must fit the vocabulary."""
@@ -79,9 +87,19 @@ class PretrainDataset:
         return math.ceil(self.n_windows / (self.world_size * self.micro_batch_size))
 
     @property
+    def num_samples(self) -> int:
+        """Windows per epoch, all ranks together."""
+        return self.n_windows
+
+    @property
+    def consumed(self) -> int:
+        """Windows this rank has read (the same on every rank)."""
+        return self.position // self.world_size
+
+    @property
     def epoch(self) -> int:
         """The epoch the next window of this rank comes from (0-based)."""
-        return (self.consumed * self.world_size + self.rank) // self.n_windows
+        return (self.position + self.rank) // self.n_windows
 
     def _order(self, epoch: int) -> np.ndarray:
         """Window indices of `epoch` in training order (cached: the current epoch and the next)."""
@@ -106,18 +124,48 @@ class PretrainDataset:
         """x, y [micro_batch_size, max_seq_len] int64: this rank's next windows of the global stream."""
         indices = []
         for k in range(self.micro_batch_size):
-            position = (self.consumed + k) * self.world_size + self.rank     # in the global stream
+            position = self.position + k * self.world_size + self.rank     # in the global stream
             indices.append(int(self._order(position // self.n_windows)[position % self.n_windows]))
-        self.consumed += self.micro_batch_size
+        self.position += self.micro_batch_size * self.world_size
         return self._collate(indices)
 
-    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Up to `max_batches` batches of this rank's share in file order (rank r: windows r, r + W, ...).
-        Every rank yields the same number of batches of the same sizes."""
-        per_rank = self.n_windows // self.world_size
-        for start in range(0, min(per_rank, max_batches * self.micro_batch_size), self.micro_batch_size):
-            count = min(self.micro_batch_size, per_rank - start)
-            yield self._collate([(start + k) * self.world_size + self.rank for k in range(count)])
+    def source_windows(self) -> dict[str, np.ndarray]:
+        """Window indices of each source, in file order (the manifest says where each source's tokens sit; a
+        file without sources is one source named after it). A window counts for the source of its first token."""
+        if self._source_windows is None:
+            found: dict[str, list[np.ndarray]] = {}
+            for f, (path, tokens) in enumerate(zip(self.paths, self._tokens)):
+                first_window = int(self._first_window[f])
+                starts = np.arange(int(self._first_window[f + 1]) - first_window, dtype=np.int64) * self.seq_len
+                for name, start, end in source_layout(path, len(tokens)):
+                    inside = np.nonzero((starts >= start) & (starts < end))[0] + first_window
+                    if len(inside):
+                        found.setdefault(name, []).append(inside)
+            self._source_windows = {name: np.concatenate(parts) for name, parts in found.items()}
+        return self._source_windows
+
+    def eval_windows(self, n_samples: int) -> dict[str, np.ndarray]:
+        """The windows an evaluation of about `n_samples` windows scores, per source: a share proportional to the
+        source's windows (at least one), spread evenly over it, so the whole file is seen, every source is scored,
+        and the choice is the same for any world size."""
+        chosen = {}
+        for name, windows in self.source_windows().items():
+            k = min(len(windows), max(1, round(n_samples * len(windows) / self.n_windows)))
+            chosen[name] = windows[((np.arange(k) + 0.5) * len(windows) / k).astype(np.int64)]
+        return chosen
+
+    def eval_batches(self, n_samples: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(source, x, y) micro batches of this rank's share of eval_windows(n_samples): each source's windows cut
+        into world_size contiguous parts. Every rank yields the same sources in the same order and as many
+        batches; a rank whose part is shorter gets a batch without targets, which adds nothing to the loss."""
+        for name, windows in self.eval_windows(n_samples).items():
+            mine = np.array_split(windows, self.world_size)[self.rank]
+            for start in range(0, -(-len(windows) // self.world_size), self.micro_batch_size):
+                part = mine[start:start + self.micro_batch_size].tolist()
+                if part:
+                    yield (name, *self._collate(part))
+                else:
+                    yield name, torch.zeros((1, 1), dtype=torch.int64), torch.full((1, 1), -100, dtype=torch.int64)
 
     def describe(self) -> str:
         """One line for the start-of-run summary."""
@@ -126,24 +174,20 @@ class PretrainDataset:
                 f"{self.tokenizer.get('path')} (vocab {self.tokenizer['vocab_size']})")
 
     def state_dict(self) -> dict:
-        return {"kind": "pretrain", "consumed": self.consumed, "world_size": self.world_size,
-                "seed": self.seed, "n_windows": self.n_windows, "seq_len": self.seq_len}
+        return {"kind": "pretrain", "position": self.position, "seed": self.seed, "n_windows": self.n_windows,
+                "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` was taken (the saved seed wins: it defines the order). Other data
-        is refused; another world size keeps the global stream position (exact when it divides evenly)."""
+        """Continue exactly where `state` was taken, on any world size (the saved seed wins: it defines the
+        order). Other data is refused."""
         if state.get("kind") != "pretrain" or (state.get("n_windows"), state.get("seq_len")) != \
                 (self.n_windows, self.seq_len):
             raise DataError(f"the checkpoint's data position is for other data ({state.get('n_windows')} windows "
                             f"of {state.get('seq_len')}) than this run's ({self.n_windows} of {self.seq_len}): "
                             f"resume with the same --data and --seq_len, or start a new run with --init_from")
         self.seed, self._orders = int(state["seed"]), {}
-        global_position = int(state["consumed"]) * int(state["world_size"])
-        self.consumed = global_position // self.world_size
-        if state["world_size"] != self.world_size and self.rank == 0:
-            print(f"note: data position saved with world_size={state['world_size']}, resumed with "
-                  f"{self.world_size}: continuing at global window {self.consumed * self.world_size:,} "
-                  f"of the stream (saved: {global_position:,})", file=sys.stderr)
+        # checkpoints written before `position` counted this rank's windows, `consumed`, of `world_size` ranks
+        self.position = int(state["position"] if "position" in state else state["consumed"] * state["world_size"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,6 +181,14 @@ def iter_sft_csv(path: str, chunk_rows: int = TOKENIZE_CHUNK_ROWS) -> Iterator[l
     return _chunks(reader, path)
 
 
+def read_sources(path: str) -> np.ndarray | None:
+    """The `source` column of an SFT CSV (one name per row, '' becomes "unnamed"), or None without one."""
+    frame = pd.read_csv(path, usecols=lambda column: column == "source", keep_default_na=False, dtype=str)
+    if "source" not in frame.columns:
+        return None
+    return np.array([name or "unnamed" for name in frame["source"].tolist()], dtype=object)
+
+
 def read_sft_csv(path: str) -> list[list[tuple[str, str]]]:
     """Every conversation of an SFT CSV at once (for tools and tests; training streams iter_sft_csv)."""
     return [conversation for chunk in iter_sft_csv(path) for conversation in chunk]
@@ -244,6 +252,7 @@ class SFTSamples:
     learn: np.ndarray     # [total ids] bool: the model learns to predict this id
     offsets: np.ndarray   # [n + 1] int64: sample i is ids[offsets[i]:offsets[i + 1]]
     keys: np.ndarray      # [n] uint64 row_key of each sample: the deterministic eval order
+    rows: np.ndarray      # [n] int64: the CSV data row (0-based) each sample comes from
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -273,24 +282,27 @@ class _Accumulator:
     learn: list = field(default_factory=list)
     lengths: list = field(default_factory=list)
     keys: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
     parts: list = field(default_factory=list)
 
-    def add(self, ids: list[int], learn: list[bool], key: int) -> None:
+    def add(self, ids: list[int], learn: list[bool], key: int, row: int) -> None:
         self.ids += ids
         self.learn += learn
         self.lengths.append(len(ids))
         self.keys.append(key)
+        self.rows.append(row)
 
     def flush(self) -> None:
         self.parts.append((np.array(self.ids, dtype=self.id_dtype), np.array(self.learn, dtype=bool),
-                           np.array(self.lengths, dtype=np.int64), np.array(self.keys, dtype=np.uint64)))
-        self.ids, self.learn, self.lengths, self.keys = [], [], [], []
+                           np.array(self.lengths, dtype=np.int64), np.array(self.keys, dtype=np.uint64),
+                           np.array(self.rows, dtype=np.int64)))
+        self.ids, self.learn, self.lengths, self.keys, self.rows = [], [], [], [], []
 
     def finish(self) -> SFTSamples:
         self.flush()
-        ids, learn, lengths, keys = (np.concatenate(column) for column in zip(*self.parts))
+        ids, learn, lengths, keys, rows = (np.concatenate(column) for column in zip(*self.parts))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return SFTSamples(ids, learn, offsets, keys)
+        return SFTSamples(ids, learn, offsets, keys, rows)
 
 
 def _encode_turns(tokenizer, conversations: list[list[tuple[str, str]]], num_threads: int) -> list[list[Turn]]:
@@ -319,7 +331,7 @@ def tokenize_conversations(chunks: Iterable[list[list[tuple[str, str]]]], tokeni
                 stats.tokens += len(ids)
                 stats.target_tokens += sum(learn[1:])   # ids[0] is never a target: nothing predicts it
                 key = row_key(text_turns)
-                (val if key < val_below else train).add(ids, learn, key)
+                (val if key < val_below else train).add(ids, learn, key, stats.rows - 1)
             train.flush()
             val.flush()
             bar.update(len(chunk))
@@ -330,19 +342,21 @@ def tokenize_conversations(chunks: Iterable[list[list[tuple[str, str]]]], tokeni
 class SFTDataset:
     """BatchSource (see trainer.py) over SFTSamples for one rank.
 
-    Each epoch is a seeded permutation of all samples (the same on every rank), wrapped to a multiple of
-    world_size like DistributedSampler. It is cut into buckets of `bucket_batches` global batches
-    (world_size * micro_batch_size samples), sorted by length inside a bucket, cut into global batches
-    whose order is then shuffled; rank r takes the r-th contiguous slice of each global batch. So ranks
-    see disjoint samples covering the epoch, ranks of one step get similar lengths (no straggler) and a
-    batch pads only to its own longest sample. The order is a pure function of (seed, epoch, world_size
-    x micro_batch_size), so the position is just (epoch, batch index) and restoring it continues exactly;
-    and W ranks with micro batch B train on exactly the samples of one rank with micro batch W * B (up
-    to the few samples repeated to make an epoch divide by W).
+    Each epoch is a seeded permutation of all samples (the same on every rank), cut into buckets of
+    `bucket_batches` chunks of `order_batch` samples (world_size * micro_batch_size at the run's first start),
+    sorted by length inside a bucket, cut into chunks whose order is then shuffled: the epoch's stream. A
+    micro batch of all ranks takes the stream's next world_size * micro_batch_size samples (fewer at the
+    epoch's end), rank r the r-th slice. So ranks see disjoint samples covering the epoch exactly once
+    (nothing repeated to make it divide; a rank left without a sample gets an all-ignored one), ranks of
+    one step get similar lengths (no straggler) and a batch pads only to its own longest sample. The order
+    is a pure function of (seed, epoch, order_batch), so the position is just (epoch, samples read): restoring
+    it continues exactly, also on another world size or micro batch, and W ranks with micro batch B train on
+    exactly the samples of one rank with micro batch W * B.
     """
 
     def __init__(self, samples: SFTSamples, micro_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 1337, pad_id: int = 0, bucket_batches: int = DEFAULT_BUCKET_BATCHES):
+                 seed: int = 1337, pad_id: int = 0, bucket_batches: int = DEFAULT_BUCKET_BATCHES,
+                 sources: np.ndarray | None = None):
         if len(samples) == 0:
             raise SFTDataError("an SFT split has no samples")
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or bucket_batches < 1:
@@ -352,14 +366,22 @@ class SFTDataset:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.pad_id, self.bucket_batches = pad_id, bucket_batches
         self.lengths = samples.lengths
+        # each sample's `source` (validation is scored per source); one source "data" without that column
+        self.sources = np.full(len(samples), "data", dtype=object) if sources is None else sources
+        self.order_batch = world_size * micro_batch_size   # chunk size of the epoch order, fixed by the first start
         self.epoch = 0      # epochs completed = the epoch the next batch comes from
-        self._cursor = 0    # index of the next batch within this epoch's plan
-        self._plan: tuple[int, list[np.ndarray]] | None = None
+        self._offset = 0    # samples of this epoch's stream read by all ranks together
+        self._stream: tuple[int, np.ndarray] | None = None
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
-        return len(self._epoch_plan(self.epoch))
+        return -(-len(self.samples) // (self.world_size * self.micro_batch_size))
+
+    @property
+    def num_samples(self) -> int:
+        """Conversations per epoch, all ranks together."""
+        return len(self.samples)
 
     def describe(self) -> str:
         """One line for the start-of-run summary (trainer.describe_run prints it)."""
@@ -369,29 +391,20 @@ class SFTDataset:
                 f"per sample; {len(self):,} micro batches per epoch per rank, each padded to its longest sample "
                 f"(length-grouped in buckets of {self.bucket_batches} global batches)")
 
-    def _global_batches(self, epoch: int) -> list[np.ndarray]:
-        """This epoch's global batches (sample indices, each sorted by length), in training order."""
-        rng = np.random.default_rng([self.seed, epoch])
-        n = len(self.samples)
-        order = np.resize(rng.permutation(n), -(-n // self.world_size) * self.world_size)  # wrap to k*W
-        global_batch = self.world_size * self.micro_batch_size
-        batches = []
-        for start in range(0, len(order), global_batch * self.bucket_batches):
-            bucket = order[start:start + global_batch * self.bucket_batches]
-            bucket = bucket[np.argsort(self.lengths[bucket], kind="stable")]
-            chunks = [bucket[i:i + global_batch] for i in range(0, len(bucket), global_batch)]
-            batches += [chunks[i] for i in rng.permutation(len(chunks))]
-        return batches
-
-    def _epoch_plan(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches for `epoch`: its slice of every global batch (cached for one epoch)."""
-        if self._plan is None or self._plan[0] != epoch:
-            plan = []
-            for batch in self._global_batches(epoch):
-                per_rank = len(batch) // self.world_size   # every global batch is a multiple of W
-                plan.append(batch[self.rank * per_rank:(self.rank + 1) * per_rank])
-            self._plan = (epoch, plan)
-        return self._plan[1]
+    def _epoch_stream(self, epoch: int) -> np.ndarray:
+        """This epoch's sample indices in training order: length-sorted chunks of order_batch samples, the
+        chunks shuffled (cached for one epoch)."""
+        if self._stream is None or self._stream[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order, chunk = rng.permutation(len(self.samples)), self.order_batch
+            chunks = []
+            for start in range(0, len(order), chunk * self.bucket_batches):
+                bucket = order[start:start + chunk * self.bucket_batches]
+                bucket = bucket[np.argsort(self.lengths[bucket], kind="stable")]
+                parts = [bucket[i:i + chunk] for i in range(0, len(bucket), chunk)]
+                chunks += [parts[i] for i in rng.permutation(len(parts))]
+            self._stream = (epoch, np.concatenate(chunks))
+        return self._stream[1]
 
     def collate(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y [B, T] int64 for these samples, T = their longest; x pads with pad_id, y with IGNORE_INDEX."""
@@ -404,24 +417,27 @@ class SFTDataset:
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = self._epoch_plan(self.epoch)
-        batch = plan[self._cursor]
-        self._cursor += 1
-        if self._cursor == len(plan):   # advance eagerly so `epoch` counts completed epochs
-            self.epoch, self._cursor = self.epoch + 1, 0
-        return self.collate(batch)
+        stream = self._epoch_stream(self.epoch)
+        batch = stream[self._offset:self._offset + self.world_size * self.micro_batch_size]
+        self._offset += len(batch)
+        if self._offset == len(stream):   # advance eagerly so `epoch` counts completed epochs
+            self.epoch, self._offset = self.epoch + 1, 0
+        return self.collate(np.array_split(batch, self.world_size)[self.rank])
 
-    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Up to `max_batches` batches of this rank's share, in the fixed row_key order (so a prefix is a
-        representative subset, the same for every seed). Every rank yields the same number of batches;
-        a rank with nothing left gets an all-ignored [1, 1] batch, which adds 0 to a summed loss and 0 to
-        its target count, so the all-reduced mean is exact and no rank waits on another."""
-        order = np.argsort(self.samples.keys, kind="stable")
+    def eval_batches(self, n_samples: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(source, x, y) batches of this rank's share of the first `n_samples` samples in the fixed row_key
+        order (a representative subset, the same for every seed and world size), source by source in name
+        order, each source's samples in global batches of world_size x micro_batch_size. Every rank yields the
+        same number of batches; a rank with nothing left gets an all-ignored [1, 1] batch, which adds 0 to a
+        summed loss and 0 to its target count, so the all-reduced mean is exact and no rank waits on another."""
+        order = np.argsort(self.samples.keys, kind="stable")[:n_samples]
         global_batch = self.world_size * self.micro_batch_size
-        for start in range(0, min(len(order), max_batches * global_batch), global_batch):
-            chunk = order[start:start + global_batch]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            yield self.collate(np.array_split(chunk, self.world_size)[self.rank])
+        for name in sorted(set(self.sources[order])):
+            chosen = order[self.sources[order] == name]
+            for start in range(0, len(chosen), global_batch):
+                chunk = chosen[start:start + global_batch]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                yield (str(name), *self.collate(np.array_split(chunk, self.world_size)[self.rank]))
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -429,30 +445,25 @@ class SFTDataset:
         return self._fingerprint
 
     def state_dict(self) -> dict:
-        return {"kind": "sft", "epoch": self.epoch, "batch": self._cursor, "seed": self.seed,
-                "global_batch": self.world_size * self.micro_batch_size, "world_size": self.world_size,
-                "bucket_batches": self.bucket_batches, "num_samples": len(self.samples),
-                "fingerprint": self.fingerprint()}
+        return {"kind": "sft", "epoch": self.epoch, "offset": self._offset, "seed": self.seed,
+                "order_batch": self.order_batch, "bucket_batches": self.bucket_batches,
+                "num_samples": len(self.samples), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` was taken. The seed and bucketing of the saved run win (they
-        define its order). Different data is refused. The order depends on world_size * micro_batch_size
-        only, so e.g. 4 ranks x 8 resume exactly as 2 ranks x 16; another product makes another order,
-        and the position is then mapped by the fraction of the epoch done, with a note."""
+        """Continue exactly where `state` was taken, on any world size and micro batch. The seed, chunk size
+        and bucketing of the saved run win (they define its order). Different data is refused."""
         if state.get("kind") != "sft" or state.get("fingerprint") != self.fingerprint():
             raise SFTDataError(f"the checkpoint's data position is for other data ({state.get('num_samples')} "
                                f"samples, fingerprint {state.get('fingerprint')}) than this run's "
                                f"({len(self.samples)} samples, {self.fingerprint()}): resume with the same "
                                f"--data and max_seq_len, or start a new run with --init_from")
         self.seed, self.bucket_batches = int(state["seed"]), int(state["bucket_batches"])
-        self.epoch, self._cursor, self._plan = int(state["epoch"]), int(state["batch"]), None
-        saved_global, global_batch = int(state["global_batch"]), self.world_size * self.micro_batch_size
-        if saved_global != global_batch:
-            self._cursor = min(self._cursor * saved_global // global_batch, len(self._epoch_plan(self.epoch)) - 1)
-            if self.rank == 0:
-                print(f"note: data position saved with world_size x micro_batch_size = {saved_global}, resumed "
-                      f"with {global_batch}: epoch {self.epoch} continues at about the same fraction, in a "
-                      f"different order", file=sys.stderr)
+        # checkpoints written before `offset` counted batches of `global_batch` samples (their order chunk)
+        self.order_batch = int(state.get("order_batch", state.get("global_batch", 0)))
+        self.epoch, self._stream = int(state["epoch"]), None
+        self._offset = int(state["offset"] if "offset" in state else state["batch"] * self.order_batch)
+        if self._offset >= len(self.samples):   # an old checkpoint's epoch end (its epochs repeated a few samples)
+            self.epoch, self._offset = self.epoch + 1, 0
 
 
 def build_sft_datasets(path: str, tokenizer, max_seq_len: int, micro_batch_size: int, rank: int = 0,
@@ -473,8 +484,11 @@ def build_sft_datasets(path: str, tokenizer, max_seq_len: int, micro_batch_size:
         raise SFTDataError(f"{path}: all {stats.rows} rows fell in the validation split; "
                            f"lower --val_fraction")
     pad_id = tokenizer.special_tokens["<pad>"]
-    train_ds = SFTDataset(train, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches)
-    val_ds = SFTDataset(val, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches) if len(val) else None
+    sources = read_sources(path)
+    train_ds = SFTDataset(train, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches,
+                          sources[train.rows] if sources is not None else None)
+    val_ds = SFTDataset(val, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches,
+                        sources[val.rows] if sources is not None else None) if len(val) else None
     return train_ds, val_ds, stats
 
 

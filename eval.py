@@ -9,17 +9,26 @@
     python eval.py --ckpt=out/sft/ckpt.pt --bench=cmb:path/to/CMB-val-merge.json --layout=sft
     python eval.py --ckpt=out/sft/ckpt.pt --bench=ceval:ceval/ceval-exam --subjects=medical   # hub (online)
     python eval.py --decontam --bench=ceval:data/bench_sample --against=sft_data/sft_data.csv
+    python eval.py --bench=ceval:path/to/ceval-exam --shots=5 --export_lmeval=out/lmeval_ceval   # lm-eval tasks
 
 Benchmark scoring follows lm-evaluation-harness: each option is a continuation of one context and gets the
 summed log-probability of its tokens, tokenized together with the context (never the logit of a lone
-letter token: SentencePiece spells "A" after "：" and "▁A" at a word start differently).
+letter token: SentencePiece spells "A" after "：" and "▁A" at a word start differently). Two prompt templates:
+- --template=lm-eval (the default for letter choices in the plain layout): lm-evaluation-harness's own
+  ceval-valid_* and cmmlu_* tasks, item for item (description, first k dev items, " " before the letter,
+  no document-start token, left truncation to max_seq_len); cmb, cmexam and medqa get the analogous
+  template (lmeval_tasks.py says which). Scores from it stand beside published lm-eval scores, and
+  --export_lmeval=DIR writes the benchmark as an lm-eval task folder that gives the same numbers there.
+- --template=native: this project's own (the C-Eval paper's header "以下是中国关于{科目}考试的…", no space
+  before the letter), with the choices and layouts below; the default with --choice=text or --layout=sft,
+  which lm-eval's tasks do not have.
 - --choice=letter (default, the C-Eval/CMMLU convention): the context lists the options and ends in
   "答案："; the continuations are the letters. acc_norm then equals acc (all one byte).
 - --choice=text (cloze): the context is the question and "答案："; the continuations are the option texts.
 - acc picks the highest summed log-probability; acc_norm divides it by the continuation's UTF-8 bytes.
 - 95% intervals are Wilson score intervals; "overall" pools all items (micro average). chance is the
   mean over items of 1/options.
-- --layout=plain puts an `<eos>` (document start) before the prompt, for pretrained models;
+- --layout=plain (native) puts an `<eos>` (document start) before the prompt, for pretrained models;
   --layout=sft uses `prompt <bos> answer`, with k-shot examples as earlier turns, for SFT models.
 
 Formats (a file, a folder, or a Hugging Face dataset name via datasets.load_dataset):
@@ -30,7 +39,9 @@ Formats (a file, a folder, or a Hugging Face dataset name via datasets.load_data
   medqa   JSON Lines question, options{A..E}, answer_idx                                     (split test)
 In a folder, a file belongs to a split when the split's name is a word of its path (val/x_val.csv,
 CMB-val/CMB-val-merge.json, test/anatomy.csv, test.jsonl); k-shot examples come from the "dev" files
-(same subject when it has enough, else the first ones), or --dev=PATH. A hub name's --subjects are its
+(same subject when it has enough, else the first ones): a folder's own, or for a file those its layout puts
+beside it (`*_dev.*` in its folder, a `dev/` folder beside its split folder; no other folder is searched), or
+--dev=PATH; --shots=0 reads none. A hub name's --subjects are its
 config names (default: the medical subjects for ceval and cmmlu, none for the others), its dev split
 "dev"; offline, it fails at once with one line (HF_HUB_OFFLINE=1 reads datasets' cache instead). Items
 without an answer, with several answers, or whose answer is not an option are skipped, counted, reported.
@@ -45,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import glob
 import json
 import math
 import os
@@ -66,6 +78,7 @@ from corpus_io import SkipLog, file_layout, iter_records, write_atomic_text
 from inference import (InferenceError, add_model_args, add_prompt_args, add_sampling_args, autocast_for,
                        describe_model, load_for_inference, pick_device, prompt_budget, read_prompts, run_main,
                        sampling_kwargs, sft_prompt_ids, sft_turn, special_ids, stream_text)
+from lmeval_tasks import lmeval_context, lmeval_continuation, write_task_folder
 from model import Transformer
 from tokenfile import bin_tokenizer, manifest_path, read_bin
 
@@ -94,6 +107,7 @@ BUILTIN_QUESTIONS = [
 ]
 Z_95 = 1.959963984540054     # standard normal quantile for a two-sided 95% interval
 NGRAM = 13
+TEMPLATES = ("lm-eval", "native")
 HUB_TIMEOUT_S = 5.0
 BIN_BLOCK_TOKENS = 1 << 22   # tokens of a .bin scanned for <eos> at a time
 
@@ -122,6 +136,10 @@ class Benchmark:
     questions: list[Question]
     dev: dict[str, list[Question]] = field(default_factory=dict)   # subject -> k-shot examples
     skipped: Counter = field(default_factory=Counter)              # reason -> items skipped
+
+    @property
+    def fmt(self) -> str:
+        return self.name.partition(":")[0]
 
 
 # ---------------------------------------------------------------- one row -> one Question
@@ -273,14 +291,39 @@ def split_files(root: str, fmt: str, split: str) -> list[str]:
     return sorted(found)
 
 
-def dev_root(path: str, split: str) -> str:
-    """Where to look for the dev split of a benchmark file: its folder, or the folder above when the file
-    sits in a folder named after its split (cmmlu/test/anatomy.csv -> cmmlu/)."""
+def dev_files_beside(path: str, fmt: str, split: str) -> list[str]:
+    """The dev files a benchmark file's own layout puts beside it, found without walking any folder:
+    `*_dev.<ext>` in its folder (C-Eval's flat layout), and the files of a `dev` folder beside its folder when
+    that is named after its split (ceval/val/x_val.csv -> ceval/dev/, cmmlu/test/anatomy.csv -> cmmlu/dev/)."""
+    suffix = FILE_SUFFIX[fmt]
     folder = os.path.dirname(os.path.abspath(path))
-    return os.path.dirname(folder) if split in _path_words(os.path.basename(folder)) else folder
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), f"*_dev{suffix}")))
+    dev_folder = os.path.join(os.path.dirname(folder), "dev")
+    if split in _path_words(os.path.basename(folder)) and os.path.isdir(dev_folder):
+        found += sorted(os.path.join(dev_folder, n) for n in os.listdir(dev_folder) if n.endswith(suffix))
+    return [f for f in found if os.path.isfile(f)]
 
 
-def read_local(fmt: str, path: str, split: str, dev_path: str | None) -> Benchmark:
+def read_dev(bench: Benchmark, fmt: str, files: list[str], asked: bool) -> None:
+    """k-shot examples from dev files. A file found by layout (not named with --dev) that does not parse is
+    reported and skipped: a malformed file nobody asked for never stops a run."""
+    dev_skipped: Counter = Counter()   # skipped dev items are not part of the score
+    for file in files:
+        try:
+            questions = read_benchmark_file(file, fmt, _subject_of(file, fmt), dev_skipped)
+        except BenchError as exc:
+            if asked:
+                raise
+            print(f"warning: dev file {file} skipped ({exc}); pass --dev=PATH to choose the k-shot examples",
+                  file=sys.stderr)
+            continue
+        for question in questions:
+            bench.dev.setdefault(question.subject, []).append(question)
+
+
+def read_local(fmt: str, path: str, split: str, dev_path: str | None, shots: int | None = None) -> Benchmark:
+    """The questions of a file, or of a folder's files of `split`; dev examples unless shots == 0: from --dev,
+    from the folder's dev files, or from where the file's layout puts them (dev_files_beside)."""
     bench = Benchmark(f"{fmt}:{path}", split, [])
     files = [path] if os.path.isfile(path) else split_files(path, fmt, split)
     if not files:
@@ -288,14 +331,13 @@ def read_local(fmt: str, path: str, split: str, dev_path: str | None) -> Benchma
                          f"when the split's name is a word of its path); choose one with --split")
     for file in files:
         bench.questions += read_benchmark_file(file, fmt, _subject_of(file, fmt), bench.skipped)
+    if shots == 0:
+        return bench
     if dev_path:
         dev_files = [dev_path] if os.path.isfile(dev_path) else split_files(dev_path, fmt, "dev")
     else:
-        dev_files = split_files(path if os.path.isdir(path) else dev_root(path, split), fmt, "dev")
-    dev_skipped: Counter = Counter()   # skipped dev items are not part of the score
-    for file in dev_files:
-        for question in read_benchmark_file(file, fmt, _subject_of(file, fmt), dev_skipped):
-            bench.dev.setdefault(question.subject, []).append(question)
+        dev_files = split_files(path, fmt, "dev") if os.path.isdir(path) else dev_files_beside(path, fmt, split)
+    read_dev(bench, fmt, dev_files, asked=bool(dev_path))
     return bench
 
 
@@ -345,8 +387,9 @@ def read_hub(fmt: str, name: str, split: str, subjects: list[str] | None, shots:
 
 
 def load_benchmark(spec: str, split: str | None = None, subjects: list[str] | None = None,
-                   dev_path: str | None = None, shots: int = 0) -> Benchmark:
-    """Read `FORMAT:PATH_OR_HUB_NAME`; subjects filters by subject (["medical"] = MEDICAL_SUBJECTS)."""
+                   dev_path: str | None = None, shots: int | None = None) -> Benchmark:
+    """Read `FORMAT:PATH_OR_HUB_NAME`; subjects filters by subject (["medical"] = MEDICAL_SUBJECTS). shots: the
+    k-shot examples the run takes; 0 reads no dev data, None (a caller that does not say) reads what exists."""
     fmt, _, where = spec.partition(":")
     if fmt not in FORMATS or not where:
         raise BenchError(f"--bench={spec}: expected FORMAT:PATH_OR_HUB_NAME with FORMAT one of {', '.join(FORMATS)}")
@@ -354,7 +397,7 @@ def load_benchmark(spec: str, split: str | None = None, subjects: list[str] | No
     if subjects == ["medical"]:
         subjects = MEDICAL_SUBJECTS.get(fmt)
     if os.path.exists(where):
-        bench = read_local(fmt, where, split, dev_path)
+        bench = read_local(fmt, where, split, dev_path, shots)
     elif re.fullmatch(r"[\w.\-]+/[\w.\-]+", where) and not where.endswith(FILE_SUFFIX[fmt]):
         bench = read_hub(fmt, where, split, subjects, shots)
     else:
@@ -410,8 +453,8 @@ def header(subject: str, choice: str) -> str:
 
 def encode_pair(tokenizer: ChatGLMTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's split: encode context + continuation together, and take as continuation
-    the tokens past the context's own encoding (trailing spaces of the context move to the continuation)."""
-    n_spaces = len(context) - len(context.rstrip(" "))
+    the tokens past the context's own encoding (trailing whitespace of the context moves to the continuation)."""
+    n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
@@ -421,9 +464,19 @@ def encode_pair(tokenizer: ChatGLMTokenizer, context: str, continuation: str) ->
     return whole[:len(context_ids)], whole[len(context_ids):]
 
 
+def lmeval_requests(tokenizer: ChatGLMTokenizer, fmt: str, q: Question, shots: list[Question]) -> list[Request]:
+    """lm-evaluation-harness's requests (--template=lm-eval): its context, " " + letter as continuation, no
+    document-start token. acc_norm's length is the letter's (lm-eval divides by the choice's characters)."""
+    context = lmeval_context(fmt, q, shots)
+    return [Request(*encode_pair(tokenizer, context, lmeval_continuation(letter)), len(letter.encode("utf-8")))
+            for letter in q.options]
+
+
 def build_requests(tokenizer: ChatGLMTokenizer, q: Question, shots: list[Question], layout: str,
-                   choice: str) -> list[Request]:
+                   choice: str, template: str = "native", fmt: str = "ceval") -> list[Request]:
     """One request per option of q, in option order."""
+    if template == "lm-eval":
+        return lmeval_requests(tokenizer, fmt, q, shots)
     answers = [answer_text(q, letter, choice) for letter in q.options]
     if layout == "sft":
         history = [sft_turn(tokenizer, (header(q.subject, choice) if i == 0 else "") + question_block(s, choice),
@@ -534,11 +587,13 @@ def summarize(results: list[ItemResult]) -> list[Score]:
 
 def run_benchmark(model: Transformer, tokenizer: ChatGLMTokenizer, bench: Benchmark, shots: int, layout: str,
                   choice: str, batch_size: int, device: str,
-                  autocast: contextlib.AbstractContextManager | None = None) -> tuple[list[ItemResult], int]:
-    """(per-item results, requests whose context had to be cut to fit the model)."""
+                  autocast: contextlib.AbstractContextManager | None = None,
+                  template: str = "native") -> tuple[list[ItemResult], int]:
+    """(per-item results, requests whose context had to be cut from the left to fit the model)."""
     requests, spans = [], []
     for q in bench.questions:
-        item_requests = build_requests(tokenizer, q, shots_for(bench, q.subject, shots, q), layout, choice)
+        item_requests = build_requests(tokenizer, q, shots_for(bench, q.subject, shots, q), layout, choice,
+                                       template, bench.fmt)
         spans.append((len(requests), len(item_requests)))
         requests += item_requests
     scores, truncated = continuation_logprobs(model, requests, batch_size, device, autocast)
@@ -779,9 +834,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", default=None, help="split to score (default: val for ceval/cmb, else test)")
     parser.add_argument("--subjects", default=None, help="comma-separated subjects, or 'medical' (default all)")
     parser.add_argument("--dev", default=None, help="file or folder of k-shot examples (default: the dev split)")
+    parser.add_argument("--template", default=None, choices=TEMPLATES,
+                        help="--bench prompts: lm-eval (lm-evaluation-harness's, the default) or native (this "
+                             "project's; the only one with --layout=sft or --choice=text, so their default)")
     parser.add_argument("--layout", default="plain", choices=("plain", "sft"),
                         help="--bench prompt layout: plain (pretrained models) or sft (answers always use sft)")
     parser.add_argument("--choice", default="letter", choices=("letter", "text"), help="what each option scores")
+    parser.add_argument("--export_lmeval", default=None, metavar="DIR",
+                        help="write --bench as an lm-eval task folder (group = DIR's name) instead of scoring it")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass when scoring")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items (a quick look)")
     parser.add_argument("--decontam", action="store_true", help="check --bench against --against instead")
@@ -793,7 +853,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--shots must be >= 0")
     if args.decontam and not (args.bench and args.against):
         parser.error("--decontam needs --bench=FORMAT:PATH and --against=TRAINING_FILE")
+    if args.export_lmeval and not args.bench:
+        parser.error("--export_lmeval needs --bench=FORMAT:PATH")
+    if args.export_lmeval and args.decontam:
+        parser.error("--export_lmeval and --decontam are separate runs")
+    native_only = [flag for flag, on in (("--layout=sft", args.layout == "sft"),
+                                         ("--choice=text", args.choice == "text")) if on]
+    if args.template is None:
+        args.template = "native" if native_only else "lm-eval"
+    elif args.template == "lm-eval" and native_only:
+        parser.error(f"--template=lm-eval scores letters in the plain layout, as lm-eval's ceval and cmmlu tasks "
+                     f"do; {native_only[0]} needs --template=native")
+    if args.export_lmeval and args.template != "lm-eval":
+        parser.error("--export_lmeval writes lm-eval's template (--template=lm-eval, plain layout, letter choices)")
     return args
+
+
+def template_label(template: str, layout: str) -> str:
+    return "lm-evaluation-harness template" if template == "lm-eval" else f"native template, {layout} layout"
+
+
+def export_lmeval(bench: Benchmark, folder: str, shots: int) -> None:
+    """--export_lmeval: the benchmark as an lm-eval task folder with the same prompts as --template=lm-eval."""
+    for subject in sorted({q.subject for q in bench.questions}):
+        shots_for(bench, subject, shots)   # enough dev items for every subject, or one line saying not
+    group, tasks = write_task_folder(folder, bench.fmt, bench.split, bench.questions, bench.dev, shots)
+    print(f"wrote {folder}: lm-eval group {group} ({len(tasks)} subject task{'s' * (len(tasks) > 1)}, "
+          f"{len(bench.questions)} items of {bench.name} split {bench.split}, {shots}-shot)")
+    print(f"score a Hugging Face model folder with it (offline: HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1):\n"
+          f"  lm_eval run --model hf --model_args pretrained=out/hf,trust_remote_code=True --tasks {group} "
+          f"--include_path {folder}")
 
 
 def bench_main(args: argparse.Namespace, bench: Benchmark) -> None:
@@ -801,11 +890,11 @@ def bench_main(args: argparse.Namespace, bench: Benchmark) -> None:
     model, tokenizer, meta = load_for_inference(args.ckpt, args.tokenizer, device, args.n_heads)
     print(describe_model(args.ckpt, model, meta))
     results, truncated = run_benchmark(model, tokenizer, bench, args.shots, args.layout, args.choice,
-                                       args.batch_size, device, autocast_for(device, args.dtype))
+                                       args.batch_size, device, autocast_for(device, args.dtype), args.template)
     scores = summarize(results)
     skipped = f"; skipped {sum(bench.skipped.values())} {dict(bench.skipped)}" if bench.skipped else ""
     print(f"{bench.name} split {bench.split}: {len(results)} items, {args.shots}-shot, {args.choice} choices, "
-          f"{args.layout} layout{skipped}")
+          f"{template_label(args.template, args.layout)}{skipped}")
     if truncated:
         print(f"note: {truncated} option prompts were cut from the left to fit {model.args.max_seq_len} tokens")
     print(format_scores(scores))
@@ -813,7 +902,8 @@ def bench_main(args: argparse.Namespace, bench: Benchmark) -> None:
           "overall = all items pooled")
     if args.out:
         payload = {"bench": bench.name, "split": bench.split, "ckpt": args.ckpt, "shots": args.shots,
-                   "layout": args.layout, "choice": args.choice, "skipped": dict(bench.skipped),
+                   "template": args.template, "layout": args.layout, "choice": args.choice,
+                   "skipped": dict(bench.skipped),
                    "truncated": truncated, "scores": [asdict(s) for s in scores],
                    "items": [asdict(r) for r in results]}
         write_atomic_text(args.out, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
@@ -828,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.decontam:
             against = [p for spec in args.against for p in spec.split(",") if p]
             run_decontam(bench, against, args.tokenizer, args.out)
+        elif args.export_lmeval:
+            export_lmeval(bench, args.export_lmeval, args.shots)
         else:
             bench_main(args, bench)
         return 0

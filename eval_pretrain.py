@@ -21,6 +21,9 @@ How the numbers are defined (the same for every --data kind):
 - chance = a uniform guess over the vocabulary (loss ln V); unigram = the entropy of this text's own
   token frequencies, what a model that learned nothing but token counts would score (an optimistic one:
   the counts come from the evaluated text itself).
+- Per source: a .bin whose manifest records its sources (data_process.py --corpus=NAME=...) is scored source
+  by source, each one's tokens as a stream of their own, and the numbers are printed per source beside the
+  total, which is then their token-weighted sum (a window never spans two sources).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from inference import (InferenceError, add_model_args, add_prompt_args, add_samp
                        describe_model, document_prompt_ids, load_for_inference, pick_device, read_prompts,
                        run_main, sampling_kwargs, special_ids, stream_text)
 from model import Transformer
-from tokenfile import read_bin
+from tokenfile import read_bin, source_layout
 
 DEFAULT_DATA = "data/pretrain_val.bin"
 BUILTIN_PROMPTS = [
@@ -226,6 +229,39 @@ def perplexity_report(model: Transformer, tokenizer: ChatGLMTokenizer, tokens: n
         unigram_bits_per_byte=unigram * scored / math.log(2) / max(n_bytes, 1))
 
 
+def source_reports(model: Transformer, tokenizer: ChatGLMTokenizer, tokens: np.ndarray, data: str,
+                   layout: list[tuple[str, int, int]], stride: int | None, batch_size: int, device: str,
+                   autocast_for_source) -> dict[str, PerplexityReport]:
+    """A report per source of the (possibly --max_tokens-cut) stream, each source's tokens scored on their own."""
+    reports = {}
+    for name, start, end in layout:
+        end = min(end, len(tokens))
+        if end > start:
+            reports[name] = perplexity_report(model, tokenizer, tokens[start:end], f"{data} [{name}]", stride,
+                                              batch_size, device, autocast_for_source())
+    return reports
+
+
+def combined_report(parts: list[PerplexityReport], tokens: np.ndarray, data: str) -> PerplexityReport:
+    """The whole stream's report from its sources' reports: their nats, tokens and bytes added up."""
+    first = parts[0]
+    nats, scored, n_bytes = (sum(getattr(r, k) for r in parts) for k in ("total_nats", "tokens", "utf8_bytes"))
+    loss, unigram = nats / scored, unigram_entropy(tokens, first.vocab_size)
+    return PerplexityReport(
+        data=data, tokens=scored, utf8_bytes=n_bytes, total_nats=nats, loss=loss, perplexity=math.exp(loss),
+        bits_per_byte=nats / math.log(2) / max(n_bytes, 1), seq_len=first.seq_len, stride=first.stride,
+        vocab_size=first.vocab_size, chance_loss=first.chance_loss, unigram_loss=unigram,
+        unigram_bits_per_byte=unigram * scored / math.log(2) / max(n_bytes, 1))
+
+
+def format_sources(reports: dict[str, PerplexityReport]) -> str:
+    width = max(len(name) for name in reports)
+    lines = [f"{'source':<{width}}  {'tokens':>12}  {'loss':>7}  {'perplexity':>12}  {'bits/byte':>9}"]
+    lines += [f"{name:<{width}}  {r.tokens:>12,}  {r.loss:>7.4f}  {r.perplexity:>12,.2f}  {r.bits_per_byte:>9.4f}"
+              for name, r in reports.items()]
+    return "\n".join(lines)
+
+
 def format_report(r: PerplexityReport) -> str:
     return "\n".join([
         f"data {r.data}: {r.tokens:,} tokens scored ({r.utf8_bytes:,} UTF-8 bytes), windows of {r.seq_len}, "
@@ -268,6 +304,20 @@ def print_samples(model: Transformer, tokenizer: ChatGLMTokenizer, args: argpars
         print()
 
 
+def measure(model: Transformer, tokenizer: ChatGLMTokenizer, data: str, args: argparse.Namespace,
+            device: str) -> tuple[PerplexityReport, dict[str, PerplexityReport]]:
+    """The report of `data`, and one per source when it is a .bin whose manifest records several."""
+    tokens = load_eval_tokens(data, tokenizer, args.max_tokens, args.text_field, model.args.vocab_size)
+    layout = source_layout(data, os.path.getsize(data) // 2) if data.endswith(".bin") else []
+    if len(layout) > 1:
+        per_source = source_reports(model, tokenizer, tokens, data, layout, args.stride, args.batch_size, device,
+                                    lambda: autocast_for(device, args.dtype))
+        if len(per_source) > 1:
+            return combined_report(list(per_source.values()), tokens, data), per_source
+    return perplexity_report(model, tokenizer, tokens, data, args.stride, args.batch_size, device,
+                             autocast_for(device, args.dtype)), {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -282,12 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None and not os.path.isfile(data):
         print(f"perplexity skipped: {data} not found (make it with data_process.py, or pass --data=FILE)")
         return 0
-    tokens = load_eval_tokens(data, tokenizer, args.max_tokens, args.text_field, model.args.vocab_size)
-    report = perplexity_report(model, tokenizer, tokens, data, args.stride, args.batch_size, device,
-                               autocast_for(device, args.dtype))
+    report, per_source = measure(model, tokenizer, data, args, device)
     print(format_report(report))
+    if per_source:
+        print(format_sources(per_source))
     if args.out:
-        write_atomic_text(args.out, json.dumps(asdict(report), indent=2) + "\n")
+        result = asdict(report) | ({"sources": {k: asdict(r) for k, r in per_source.items()}} if per_source else {})
+        write_atomic_text(args.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -28,6 +28,7 @@ import torch
 
 from chatglm_tokenizer import (DEFAULT_TOKENIZER, TokenizerError, check_same_tokenizer, resolve_tokenizer_dir,
                                tokenizer_identity)
+from corpus_io import replace_folder
 from model import CheckpointError, ModelArgs, Transformer, load_model, to_hf_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,17 +85,6 @@ def _write_folder(model: Transformer, dtype: str, tokenizer_folder: str, dest: s
     _copy_tokenizer(tokenizer_folder, dest)
 
 
-def _replace_folder(tmp: str, out: str) -> None:
-    """Move the finished tmp folder to out; an older export at out is swapped aside first, then removed."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=".export_hf-old-", dir=os.path.dirname(out))
-        os.replace(out, os.path.join(old, "previous"))
-    os.replace(tmp, out)
-    if old:
-        shutil.rmtree(old)
-
-
 def export_hf(ckpt: str, out: str, n_heads: int = 8, dtype: str = "float32", tokenizer: str | None = None) -> str:
     """Write the HF folder for `ckpt` (any kind load_model reads) at `out`; returns the tokenizer folder used."""
     if dtype not in DTYPES:
@@ -108,7 +98,7 @@ def export_hf(ckpt: str, out: str, n_heads: int = 8, dtype: str = "float32", tok
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
         _write_folder(model, dtype, tokenizer_folder, tmp)
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

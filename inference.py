@@ -28,7 +28,7 @@ import torch
 from chatglm_tokenizer import (DEFAULT_TOKENIZER, ChatGLMTokenizer, TokenizerError, check_same_tokenizer,
                                load_tokenizer, resolve_tokenizer_dir, tokenizer_identity)
 from corpus_io import CorpusError
-from dataset_sft import Turn, layout_sample
+from dataset_sft import Turn
 from model import CheckpointError, Transformer, load_model
 from precision import native_bf16
 from tokenfile import DataError
@@ -140,21 +140,30 @@ def sft_turn(tokenizer: ChatGLMTokenizer, prompt: str, answer: str | list[int]) 
     return Turn(tokenizer.encode(prompt), answer_ids)
 
 
-def sft_prompt_ids(tokenizer: ChatGLMTokenizer, question: str, history: list[Turn],
-                   max_prompt_tokens: int) -> tuple[list[int], int]:
-    """(ids, turns dropped): the earlier turns `prompt <bos> answer <eos>` oldest first, then `question <bos>`,
-    dropping the oldest turns until it fits max_prompt_tokens. A question alone too long keeps its end
-    (the part next to the answer)."""
+def history_ids(turns: list[Turn], bos: int, eos: int, cut: list[bool] | None = None) -> list[int]:
+    """`prompt <bos> answer <eos>` per turn, oldest first (dataset_sft.layout_sample's ids); a turn whose
+    answer was cut at max_new_tokens (cut[i]) keeps no `<eos>`: the model never produced one."""
+    ids: list[int] = []
+    for i, (prompt, answer) in enumerate(turns):
+        ids += prompt + [bos] + answer + ([] if cut and cut[i] else [eos])
+    return ids
+
+
+def sft_prompt_ids(tokenizer: ChatGLMTokenizer, question: str, history: list[Turn], max_prompt_tokens: int,
+                   cut: list[bool] | None = None) -> tuple[list[int], int]:
+    """(ids, turns dropped): the earlier turns (history_ids) oldest first, then `question <bos>`, dropping the
+    oldest turns until it fits max_prompt_tokens. A question alone too long keeps its end (the part next to
+    the answer)."""
     bos, eos = special_ids(tokenizer)
     question_ids = tokenizer.encode(question) + [bos]
     if len(question_ids) > max_prompt_tokens:
         return question_ids[-max_prompt_tokens:], len(history)
-    kept = list(history)
-    history_ids, _ = layout_sample(kept, bos, eos)
-    while kept and len(history_ids) + len(question_ids) > max_prompt_tokens:
-        kept.pop(0)
-        history_ids, _ = layout_sample(kept, bos, eos)
-    return history_ids + question_ids, len(history) - len(kept)
+    dropped = 0
+    earlier = history_ids(history, bos, eos, cut)
+    while dropped < len(history) and len(earlier) + len(question_ids) > max_prompt_tokens:
+        dropped += 1
+        earlier = history_ids(history[dropped:], bos, eos, cut[dropped:] if cut else None)
+    return earlier + question_ids, dropped
 
 
 def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:

@@ -149,3 +149,32 @@ def read_bin(path: str, tokenizer_folder: str) -> np.ndarray:
     if os.path.getsize(path) % 2:
         raise DataError(f"{path}: {os.path.getsize(path)} bytes is not a whole number of uint16 tokens")
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def with_token_offsets(sources: list[dict]) -> list[dict]:
+    """Per-source manifest entries (in file order, each with its `tokens`) plus where each source's tokens sit
+    in the .bin: token_start and token_end (exclusive). data_process.py writes sources one after another."""
+    start, placed = 0, []
+    for source in sources:
+        placed.append(dict(source, token_start=start, token_end=start + source["tokens"]))
+        start += source["tokens"]
+    return placed
+
+
+def source_layout(bin_path: str, n_tokens: int) -> list[tuple[str, int, int]]:
+    """(source name, first token, end token) of each non-empty source of a .bin, in file order, from its
+    manifest; one source named after the file when the manifest records none (or no manifest)."""
+    manifest = read_manifest(bin_path) or {}
+    sources = manifest.get("sources")
+    whole = [(os.path.splitext(os.path.basename(bin_path))[0], 0, n_tokens)]
+    if not isinstance(sources, list) or not sources or \
+            not all(isinstance(s, dict) and isinstance(s.get("tokens"), int) for s in sources):
+        return whole
+    if not all("token_start" in s for s in sources):   # a manifest from before offsets: sources lie in order
+        sources = with_token_offsets(sources)
+    layout = [(str(s["name"]), int(s["token_start"]), int(s["token_end"])) for s in sources
+              if s.get("token_end", 0) > s.get("token_start", 0)]
+    if not layout or layout[-1][2] != n_tokens:
+        raise DataError(f"{manifest_path(bin_path)}: its sources end at token {layout[-1][2] if layout else 0:,} "
+                        f"but {bin_path} holds {n_tokens:,}; {MAKE_BIN_HINT} to rewrite it")
+    return layout

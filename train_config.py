@@ -46,7 +46,8 @@ class TrainConfig:
     """Global batch in tokens per optimizer step; > 0 sets grad_accum_steps = batch_tokens /
     (micro_batch_size * seq_len * world_size), which must divide exactly."""
     max_iters: int = 0
-    """Optimizer steps of the whole run; 0 = as many as `epochs` passes over the training data take."""
+    """Optimizer steps of the whole run; 0 = as many as `epochs` passes over the training data take. Fixed at the
+    first start (with the tokens per step and the schedule); with --resume a new value moves the end only."""
     epochs: float = 1.0
     """Passes over the training data when max_iters is 0."""
     lr: float = 3e-4
@@ -76,7 +77,8 @@ class TrainConfig:
     eval_interval: int = 500
     """Evaluate on the validation data every this many steps (and at the start and the end)."""
     eval_iters: int = 50
-    """Validation micro batches per rank per evaluation."""
+    """Validation micro batches per rank per evaluation, counted at the first start; those samples, spread over
+    the whole validation data, are scored at every evaluation on any world size."""
     save_interval: int = 1000
     """Write a checkpoint every this many steps (and at the end)."""
     keep_last: int = 3

@@ -16,7 +16,9 @@ The config lives in train_config.py, precision in precision.py, checkpoint files
 
 A stage script builds its BatchSources (dataset.PretrainDataset, dataset_sft.SFTDataset) after
 setup_distributed() and hands them to train(), which owns everything else: the model, resume / init_from,
-DDP or FSDP, mixed precision, the optimizer and LR schedule, evaluation, checkpoints and logs.
+DDP or FSDP, mixed precision, the optimizer and LR schedule, evaluation, checkpoints and logs. The run's
+plan (steps, tokens per step, schedule; run_plan.py) is fixed at the first start and continued by every
+resume, on any world size, and by an extension.
 
 One optimizer step = grad_accum_steps micro batches per rank. Its loss is the sum of token losses over all
 micro batches of all ranks divided by the number of target tokens among them (all-reduced before the
@@ -49,10 +51,12 @@ from chatglm_tokenizer import TokenizerError, check_same_tokenizer
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
 from model import CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file, model_args_from_preset
 from precision import Precision, choose_precision, peak_flops
+from run_plan import Plan, resolve_plan
 from train_config import ConfigError, TrainConfig, TrainError, format_config, parse_config, given_flags
 
 # how a run was started, not how it trains: a resumed run never takes these from its checkpoint's config
 _START_FLAGS = ("resume", "init_from", "overwrite")
+_TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__)
 
 
 # -------------------------------------------------------------------------------------- distributed
@@ -148,55 +152,22 @@ def _all_reduce(ctx: DistContext, tensor: torch.Tensor, op: Any = None) -> torch
     return tensor
 
 
-# ------------------------------------------------------------------------------------ LR schedule
-def get_lr(step: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay to min_lr, then min_lr.
-    A pure function of the step, so resuming needs no scheduler state."""
-    if step < warmup_iters:
-        return lr * (step + 1) / (warmup_iters + 1)
-    if step >= lr_decay_iters:
-        return min_lr
-    progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-# ------------------------------------------------------------------------------------- batch plan
-@dataclass
-class Plan:
-    """The run's shape, derived from the config, the world size and the data."""
-    seq_len: int
-    grad_accum_steps: int
-    max_iters: int
-    warmup_iters: int
-    lr_decay_iters: int
-    tokens_per_iter: int     # micro_batch_size * seq_len * grad_accum_steps * world_size (positions)
-
-
-def make_plan(cfg: TrainConfig, ctx: DistContext, seq_len: int, train_ds: "BatchSource") -> Plan:
-    per_micro = cfg.micro_batch_size * seq_len * ctx.world_size
-    accum = cfg.grad_accum_steps
-    if cfg.batch_tokens:
-        if cfg.batch_tokens % per_micro:
-            raise ConfigError(f"--batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
-                              f"world_size = {cfg.micro_batch_size} * {seq_len} * {ctx.world_size} = {per_micro}")
-        accum = cfg.batch_tokens // per_micro
-    max_iters = cfg.max_iters or math.ceil(cfg.epochs * len(train_ds) / accum)
-    warmup = cfg.warmup_iters if cfg.warmup_iters >= 0 else min(1000, max_iters // 10)
-    decay = cfg.lr_decay_iters or max_iters
-    return Plan(seq_len, accum, max_iters, warmup, max(decay, warmup), per_micro * accum)
-
-
+# ------------------------------------------------------------------------------------- batch sources
 class BatchSource(Protocol):
     """What train() reads; dataset.PretrainDataset and dataset_sft.SFTDataset implement it. state_dict must
-    be the same on every rank (train() saves rank 0's and every rank loads it)."""
+    be the same on every rank (train() saves rank 0's and every rank loads it) and must not depend on the
+    world size, so a run resumed on another number of ranks continues the same pass over the data."""
     epoch: int
+    num_samples: int     # windows / conversations per epoch, all ranks together (the plan counts epochs in them)
     pad_id: int | None   # the id padding x (excluded from tokens/s); None or absent when batches are never padded
 
     def __len__(self) -> int: ...                                      # micro batches per epoch per rank
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...      # x, y [B, T] int64, y -100 = no loss
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-    def eval_batches(self, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    # (source, x, y) of this rank's share of about n_samples validation samples chosen the same for any world size;
+    # every rank yields the same sources in the same order and as many batches
+    def eval_batches(self, n_samples: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]: ...
 
 
 # ------------------------------------------------------------------------------------ model shape
@@ -315,16 +286,18 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
-    """loss.png: train and validation loss against tokens seen, from metrics.jsonl."""
+    """loss.png: train and validation loss against tokens seen, from metrics.jsonl; a dashed curve per source."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key, label in (("loss", "train"), ("val_loss", "validation")):
+    sources = sorted({k for r in rows for k in r if k.startswith("val/")})
+    curves = [("loss", "train", "-"), ("val_loss", "validation", "-")] + [(k, k, "--") for k in sources]
+    for key, label, style in curves:
         points = [(r["tokens"], r[key]) for r in rows if isinstance(r.get(key), float) and math.isfinite(r[key])]
         if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+            ax.plot(*zip(*points), style, label=label, marker=None if key == "loss" else "o", markersize=3)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.grid(alpha=0.3)
@@ -409,6 +382,7 @@ class Run:
     logger: MetricsLogger | None = None
     step: int = 0                     # optimizer steps done (skipped ones included)
     tokens_seen: int = 0              # positions trained on, all ranks
+    progress_tokens: int = 0          # the plan's clock: positions of the steps done, padding included
     best_val_loss: float = math.inf
     last_val_loss: float | None = None
     skipped_steps: int = 0
@@ -433,7 +407,7 @@ def _full_model_state(run: Run) -> dict:
 def _checkpoint_meta(run: Run) -> dict:
     return {"model_args": asdict(run.model_args), "config": asdict(run.cfg), "tokenizer": run.tokenizer,
             "step": run.step, "tokens_seen": run.tokens_seen, "best_val_loss": run.best_val_loss,
-            "world_size": run.ctx.world_size}
+            "world_size": run.ctx.world_size, "plan": run.plan.saved(), "progress_tokens": run.progress_tokens}
 
 
 def save_checkpoint(run: Run) -> None:
@@ -450,7 +424,10 @@ def save_checkpoint(run: Run) -> None:
                      "data_state": data_state, "rng": rngs, "skipped_steps": run.skipped_steps,
                      **_checkpoint_meta(run)}, path)
         link_or_copy(path, os.path.join(run.cfg.out_dir, CKPT_LATEST))
-        for _, old in step_checkpoints(run.cfg.out_dir)[run.cfg.keep_last:]:
+        # ckpt_N.pt of a later step than this one are what a resume skipped as unreadable: left for a look,
+        # never counted among the keep_last newest (counting them would prune the checkpoint just written)
+        written = [old for step, old in step_checkpoints(run.cfg.out_dir) if step <= run.step]
+        for old in written[run.cfg.keep_last:]:
             os.remove(old)
     _on_rank0(run.ctx, write)
     if run.logger is not None:
@@ -466,23 +443,32 @@ def save_best(run: Run, val_loss: float) -> None:
 
 # ------------------------------------------------------------------------------- evaluate and step
 @torch.no_grad()
-def evaluate(run: Run) -> float | None:
-    """Mean validation loss over eval_iters micro batches per rank, all ranks' tokens together."""
+def evaluate(run: Run) -> dict[str, float] | None:
+    """Validation loss per target token over the plan's eval_samples, all ranks' tokens together: "val_loss"
+    over every source (token-weighted; best.pt follows it) and "val/<source>" for each source when there are
+    several. None without validation data."""
     device = run.ctx.device
-    batches = list(run.val_ds.eval_batches(run.cfg.eval_iters)) if run.val_ds is not None else []
+    batches = list(run.val_ds.eval_batches(run.plan.eval_samples)) if run.val_ds is not None else []
     # FSDP needs every rank in every forward: all ranks evaluate the same number of batches
     count = _all_reduce(run.ctx, torch.tensor([len(batches)], device=device), dist.ReduceOp.MIN)
+    names = list(dict.fromkeys(name for name, _, _ in batches))   # the same order on every rank
     model = run.model if run.cfg.fsdp else run.raw
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)   # [loss sum, target count]
-    for x, y in batches[:int(count.item())]:
+    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=device)   # [source, (loss sum, targets)]
+    for name, x, y in batches[:int(count.item())]:
         x, y = _to_device(x, device), _to_device(y, device)
         with run.precision.autocast(device):
             _, loss = model(x, y, reduction="sum")
-        totals += torch.stack([loss.double(), (y != -100).sum().double()])
+        totals[names.index(name)] += torch.stack([loss.double(), (y != -100).sum().double()])
     model.train()
     _all_reduce(run.ctx, totals)
-    return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+    overall = totals.sum(dim=0)
+    if overall[1] == 0:
+        return None
+    losses = {"val_loss": (overall[0] / overall[1]).item()}
+    if len(names) > 1:
+        losses |= {f"val/{name}": (t[0] / t[1]).item() for name, t in zip(names, totals) if t[1] > 0}
+    return losses
 
 
 @dataclass
@@ -626,7 +612,7 @@ def _restore(run: Run, meta: dict, optimizer_state: dict) -> None:
     if run.scaler.is_enabled() and meta.get("scaler"):
         run.scaler.load_state_dict(meta["scaler"])
     run.train_ds.load_state_dict(meta["data_state"])
-    run.step, run.tokens_seen = meta["step"], meta["tokens_seen"]
+    run.step, run.tokens_seen, run.progress_tokens = meta["step"], meta["tokens_seen"], meta["progress_tokens"]
     run.best_val_loss, run.skipped_steps = meta["best_val_loss"], meta.get("skipped_steps", 0)
     if len(meta["rng"]) == run.ctx.world_size:
         set_rng_state(meta["rng"][run.ctx.rank], run.ctx.device)
@@ -643,8 +629,8 @@ def describe_run(run: Run) -> str:
     """The config and the token budget, printed at start."""
     p, cfg, ctx = run.plan, run.cfg, run.ctx
     params, non_emb = run.raw.num_params(), run.raw.num_params(non_embedding=True)
-    total_tokens = p.max_iters * p.tokens_per_iter
-    epochs = p.max_iters * p.grad_accum_steps / max(1, len(run.train_ds))
+    total_tokens = p.total_tokens
+    epochs = total_tokens // p.seq_len / max(1, run.train_ds.num_samples)
     device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU"
     parallel = "FSDP2" if cfg.fsdp else ("DDP" if ctx.distributed else "single process")
     describe = getattr(run.train_ds, "describe", None)
@@ -655,14 +641,14 @@ def describe_run(run: Run) -> str:
              f"model: {params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the embedding), "
              f"{run.flops_per_token / 1e9:.3f} GFLOP/token at seq {p.seq_len}",
              f"batch: {cfg.micro_batch_size} seqs x {p.seq_len} tokens x {p.grad_accum_steps} accum x "
-             f"{ctx.world_size} ranks = {up_to}{p.tokens_per_iter:,} tokens/step",
+             f"{ctx.world_size} ranks = {up_to}{p.step_tokens:,} tokens/step",
              f"data: {describe() if describe else f'{len(run.train_ds):,} micro batches per epoch per rank'}",
              f"val: {val_describe() if val_describe else ('yes' if run.val_ds is not None else 'none')}",
              f"run: {p.max_iters:,} steps = {up_to}{total_tokens:,} tokens = {epochs:.2f} epochs = "
              f"{total_tokens / max(1, params):.1f} tokens/parameter",
-             f"schedule: lr {cfg.lr:g}, {p.warmup_iters} warmup steps, cosine to {cfg.min_lr:g} at step "
-             f"{p.lr_decay_iters}; AdamW betas ({cfg.beta1}, {cfg.beta2}) weight decay {cfg.weight_decay}; "
-             f"grad clip {cfg.grad_clip or 'off'}",
+             f"schedule: lr {p.lr:g}, {p.warmup_iters} warmup steps, cosine to {p.min_lr:g} at step "
+             f"{p.lr_decay_iters} (steps of {p.tokens_per_iter:,} tokens); AdamW betas ({cfg.beta1}, {cfg.beta2}) "
+             f"weight decay {cfg.weight_decay}; grad clip {cfg.grad_clip or 'off'}",
              f"hardware: {device} x {ctx.world_size}, {parallel}, {run.precision.name}"
              f"{' autocast (fp32 master weights)' if run.precision.autocast_dtype else ''}"
              f"{' + GradScaler' if run.precision.use_scaler else ''}, compile "
@@ -692,19 +678,20 @@ def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm)
 
 
 def _eval_and_log(run: Run, bar: tqdm) -> None:
-    val_loss = evaluate(run)
-    if val_loss is None:
+    losses = evaluate(run)
+    if losses is None:
         return
-    run.last_val_loss = val_loss
+    val_loss = run.last_val_loss = losses["val_loss"]
     run.logger.log({"step": run.step, "tokens": run.tokens_seen, "val_loss": val_loss,
-                    "val_ppl": math.exp(min(val_loss, 50.0))})
+                    "val_ppl": math.exp(min(val_loss, 50.0))} | {k: v for k, v in losses.items() if k != "val_loss"})
     improved = val_loss < run.best_val_loss
     if improved:
         run.best_val_loss = val_loss
         save_best(run, val_loss)
     if run.ctx.is_master:
+        per_source = ", ".join(f"{k[len('val/'):]} {v:.4f}" for k, v in losses.items() if k.startswith("val/"))
         bar.write(f"step {run.step:,}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50.0)):.2f}"
-                  f"{' (best, saved best.pt)' if improved else ''}")
+                  f"{f' ({per_source})' if per_source else ''}{' (best, saved best.pt)' if improved else ''}")
 
 
 def _after_step(run: Run, result: StepResult) -> None:
@@ -723,7 +710,7 @@ def _after_step(run: Run, result: StepResult) -> None:
 
 
 def _loop(run: Run) -> None:
-    bar = tqdm(total=run.plan.max_iters, initial=run.step, disable=not run.ctx.is_master, unit="step",
+    bar = tqdm(total=run.plan.end_step, initial=run.step, disable=not run.ctx.is_master, unit="step",
                dynamic_ncols=True, mininterval=1.0, desc="train")
     try:
         _steps(run, bar)
@@ -737,22 +724,23 @@ def _steps(run: Run, bar: tqdm) -> None:
     if run.step == 0:
         _eval_and_log(run, bar)   # the starting point of the validation curve
     window = {"start": time.perf_counter(), "tokens": 0, "flops": 0.0, "losses": []}
-    while run.step < plan.max_iters:
-        lr = get_lr(run.step, cfg.lr, cfg.min_lr, plan.warmup_iters, plan.lr_decay_iters)
+    while run.step < plan.end_step:
+        lr = plan.lr_at(run.progress_tokens)
         result = train_step(run, lr)
         run.step += 1
         run.tokens_seen += result.positions
+        run.progress_tokens += plan.step_tokens
         window["tokens"] += result.positions
         window["flops"] += result.flops
         window["losses"].append(result.loss)
         _after_step(run, result)
         bar.update(1)
-        if run.step % cfg.log_interval == 0 or run.step == plan.max_iters:
+        if run.step % cfg.log_interval == 0 or run.step == plan.end_step:
             _log_train(run, window, lr, result, bar)
         paused_from = time.perf_counter()   # evaluation and checkpoint time does not count against tokens/s
-        if run.step % cfg.eval_interval == 0 or run.step == plan.max_iters:
+        if run.step % cfg.eval_interval == 0 or run.step == plan.end_step:
             _eval_and_log(run, bar)
-        if run.step % cfg.save_interval == 0 or run.step == plan.max_iters:
+        if run.step % cfg.save_interval == 0 or run.step == plan.end_step:
             save_checkpoint(run)
         window["start"] += time.perf_counter() - paused_from
 
@@ -777,20 +765,41 @@ def keep_freed_memory_on_cpu() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def _resolve_plan(cfg: TrainConfig, ctx: DistContext, seq_len: int, train_ds: BatchSource,
+                  meta: dict | None) -> tuple[Plan, list[str]]:
+    """A new run's plan, or the checkpoint's continued on this world size, and the lines saying what changed
+    (always the LR before and after the resume step)."""
+    if meta is None:
+        return resolve_plan(cfg, ctx.world_size, seq_len, train_ds.num_samples)
+    saved = meta.get("plan")
+    if saved is None:   # a checkpoint older than plans: rebuilt from its config, every step of the size it gave
+        old_cfg = TrainConfig(**{k: v for k, v in meta["config"].items() if k in _TRAIN_FIELDS})
+        saved = resolve_plan(old_cfg, meta["world_size"], seq_len, train_ds.num_samples)[0].saved()
+        meta["progress_tokens"] = meta["step"] * saved["tokens_per_iter"]
+    progress = meta["progress_tokens"]
+    plan, notes = resolve_plan(cfg, ctx.world_size, seq_len, train_ds.num_samples, saved, meta["config"],
+                               meta["step"], progress)
+    before = Plan(**saved).lr_at(max(progress - saved["step_tokens"], 0))
+    return plan, notes + [f"lr: {before:.3e} at step {meta['step']:,} (the checkpoint's last) -> "
+                          f"{plan.lr_at(progress):.3e} at step {meta['step'] + 1:,} (the next)"]
+
+
 def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: BatchSource,
               val_ds: BatchSource | None, tokenizer: dict) -> tuple[Run, dict | None]:
     """Model on its device (weights from scratch, --init_from or the checkpoint), wrapped, with its optimizer."""
     precision = choose_precision(cfg.dtype, ctx.device)
     if ctx.device.type == "cpu":
         keep_freed_memory_on_cpu()
-    plan = make_plan(cfg, ctx, model_args.max_seq_len, train_ds)
     if cfg.fsdp and not ctx.distributed:   # fully_shard needs a process group, even of one process
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
+    fresh_plan = None if cfg.resume else _resolve_plan(cfg, ctx, model_args.max_seq_len, train_ds, None)[0]
     _prepare_out_dir(cfg, ctx)
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
     raw = Transformer(model_args).to(ctx.device)
     meta, optimizer_state = _load_start(cfg, ctx, raw, tokenizer)
+    plan, notes = (fresh_plan, []) if fresh_plan else \
+        _resolve_plan(cfg, ctx, model_args.max_seq_len, train_ds, meta)
     flops_per_token = raw.flops_per_token(plan.seq_len)
     model = wrap_model(raw, cfg, ctx)
     optimizer = make_optimizer(model, cfg, ctx.device)
@@ -799,6 +808,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_d
               flops_per_token, peak_flops(ctx.device, precision))
     if meta is not None:
         _restore(run, meta, optimizer_state)
+        if ctx.is_master:
+            print("\n".join(notes))
     else:
         torch.manual_seed(cfg.seed + ctx.rank)   # ranks draw different dropout masks
     return run, meta
@@ -811,9 +822,11 @@ def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: B
     if ctx.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # fp32 matmuls (outside autocast) on TF32 tensor cores
     run, meta = build_run(cfg, ctx, model_args, train_ds, val_ds, tokenizer)
-    if run.step >= run.plan.max_iters:
+    if run.progress_tokens >= run.plan.total_tokens:
         raise TrainError(f"the run in {cfg.out_dir} already finished at step {run.step:,} (max_iters "
-                         f"{run.plan.max_iters:,}): pass a larger --max_iters (or --epochs) to train on")
+                         f"{run.plan.max_iters:,}): pass a larger --max_iters (or --epochs) to train on; the LR then "
+                         f"stays at its final {run.plan.lr_at(run.progress_tokens):.2e} unless you also give "
+                         f"--lr_decay_iters, --lr or --min_lr")
     if ctx.is_master:
         print(describe_run(run), flush=True)
     run.logger = MetricsLogger(cfg, ctx, meta["step"] if meta else None)

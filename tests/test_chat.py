@@ -127,6 +127,22 @@ def test_an_answer_cut_by_max_new_tokens_is_marked(tokenizer):
     assert "[cut" not in out.getvalue() and len(session.history) == 2
 
 
+def test_an_answer_cut_by_max_new_tokens_joins_the_history_without_eos(tokenizer):
+    """Before: the cut answer was laid out with an <eos> the model never produced, teaching the next prompt a
+    conversation that never happened."""
+    answer = tokenizer.encode("多喝水，注意休息，按时吃药")
+    model = RecordingModel(512, answer)
+    session, _ = session_for(model, tokenizer, max_new_tokens=3)
+    chat.chat_loop(session, feed(["感冒了怎么办？", "还有呢？"]), io.StringIO(), echo=False)
+    first, second = (tokenizer.encode(q) + [1] for q in ("感冒了怎么办？", "还有呢？"))
+    assert model.prompts[1] == first + answer[:3] + second                # no <eos> (2) after the cut answer
+    model.answer_ids = answer[:2]                                         # this one ends before the limit
+    chat.chat_loop(session, feed(["好的", "谢谢"]), io.StringIO(), echo=False)
+    third, fourth = (tokenizer.encode(q) + [1] for q in ("好的", "谢谢"))
+    assert model.prompts[3] == first + answer[:3] + second + answer[:3] + third + answer[:2] + [2] + fourth
+    assert session.cut == [True, True, False, False]
+
+
 def test_stream_decoder_never_splits_a_multibyte_character(tokenizer):
     text = "罕见字𠀀和龘，还有表情😀。"
     ids = tokenizer.encode(text)

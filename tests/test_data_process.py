@@ -249,6 +249,9 @@ def test_exact_dedup_across_sources(tmp_path, tokenizer_dir, capsys):
     assert np.array_equal(read_bin(str(tmp_path / "d.bin")), encode_docs(sp, [a, b, b + "！"]))
     sources = json.loads((tmp_path / "d.json").read_text())["sources"]
     assert [(s["documents_kept"], s["duplicate"]) for s in sources] == [(2, 1), (1, 1)]
+    medical_tokens = len(encode_docs(sp, [a, b]))   # where each source's tokens sit in the .bin
+    assert [(s["token_start"], s["token_end"]) for s in sources] == \
+        [(0, medical_tokens), (medical_tokens, len(read_bin(str(tmp_path / "d.bin"))))]
     assert dp(argv + [f"--out={tmp_path / 'n.bin'}", "--no-dedup"], tokenizer_dir, capsys)[0] == 0
     assert json.loads((tmp_path / "n.json").read_text())["documents"] == 5
 
@@ -349,6 +352,22 @@ def test_malformed_records_counted_with_file_and_line(tmp_path, tokenizer_dir, c
     rc, err = dp([f"--corpus=medical={path}", f"--out={tmp_path / 's.bin'}", "--strict"], tokenizer_dir, capsys)
     assert rc == 1 and err.strip().splitlines()[-1].startswith(f"error: {path}:2: malformed JSON")
     assert not (tmp_path / "s.bin").exists()
+
+
+def test_an_empty_or_all_malformed_corpus_exits_non_zero_and_writes_nothing(tmp_path, tokenizer_dir, capsys):
+    """Before: exit code 0 and a 0-token .bin, without a word."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": 42}\n{"title": "x"}\nnot json\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    for corpus, read in ((bad, 3), (empty, 0)):
+        out = tmp_path / f"{corpus.stem}.bin"
+        rc, err = dp([f"--corpus=medical={corpus}", f"--out={out}"], tokenizer_dir, capsys)
+        assert rc == 1, err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: no usable document in medical={corpus}: {read} record(s) read"), line
+        assert f"{read if corpus == bad else 0} malformed" in line and "nothing written" in line
+        assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "empty.jsonl"]   # no .bin, manifest or partial file
 
 
 def test_truncated_json_array_and_compressed_file(tmp_path, tokenizer_dir, capsys):

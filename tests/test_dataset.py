@@ -131,15 +131,19 @@ def test_restore_refuses_other_data(tmp_path):
         other.load_state_dict(ds.state_dict())
 
 
-def test_eval_batches_are_fixed_disjoint_and_equal_in_number(tmp_path):
+def test_eval_windows_spread_over_the_file_and_are_the_same_for_any_world_size(tmp_path):
     path = counting_bin(tmp_path, 11 * 4 + 1)
-    ranks = [PretrainDataset(path, 4, micro_batch_size=2, rank=r, world_size=3) for r in range(3)]
-    batches = [list(ds.eval_batches(max_batches=10)) for ds in ranks]
-    assert [len(b) for b in batches] == [2, 2, 2]        # 11 // 3 = 3 windows each: batches of 2 and 1
-    ids = [[window_id(row, 4) for x, _ in b for row in x] for b in batches]
-    assert ids == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
-    assert [window_id(r, 4) for x, _ in ranks[0].eval_batches(10) for r in x] == ids[0]   # deterministic
-    assert len(list(ranks[0].eval_batches(max_batches=1))) == 1
+    spread = PretrainDataset(path, 4, micro_batch_size=2).eval_windows(4)
+    assert list(spread) == ["count"] and spread["count"].tolist() == [1, 4, 6, 9]   # not the file's head 0..3
+    for world in (1, 2, 3):
+        ranks = [PretrainDataset(path, 4, micro_batch_size=2, rank=r, world_size=world, log=False)
+                 for r in range(world)]
+        batches = [list(ds.eval_batches(4)) for ds in ranks]
+        assert len({len(b) for b in batches}) == 1                      # no rank waits on another
+        ids = [window_id(x_row, 4) for b in batches for _, x, y in b for x_row, y_row in zip(x, y)
+               if (y_row != -100).any()]
+        assert sorted(ids) == [1, 4, 6, 9]                               # the same windows, each once
+    assert len(list(PretrainDataset(path, 4, micro_batch_size=2).eval_batches(100))) == 6   # all 11 windows
 
 
 def test_missing_bin_says_which_command_makes_it(tmp_path):

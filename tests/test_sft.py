@@ -121,7 +121,7 @@ def test_resume_equals_uninterrupted(sample_csv, small_tokenizer, init_weights, 
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for name, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg"], b["optimizer"]["state"][name]["exp_avg"]), name
-    assert a["data_state"] == b["data_state"] and a["data_state"]["batch"] + a["data_state"]["epoch"] > 0
+    assert a["data_state"] == b["data_state"] and a["data_state"]["offset"] + a["data_state"]["epoch"] > 0
 
 
 def test_bare_resume_continues_with_the_settings_the_run_was_started_with(reference, tmp_path, capsys):

@@ -24,7 +24,7 @@ import trainer
 from model import Transformer, load_model
 from test_dataset import SYNTH_TOKENIZER, write_bin
 from train_config import ConfigError, TrainConfig, parse_config
-from trainer import get_lr
+from run_plan import get_lr
 
 SINGLE = trainer.DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))   # one process
 BASE_FLAGS = dict(preset="tiny", seq_len=16, micro_batch_size=2, grad_accum_steps=2, lr=3e-3, min_lr=3e-4,
