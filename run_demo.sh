@@ -87,4 +87,5 @@ cat <<EOF
   $SFT_OUT/ckpt.pt, metrics.jsonl, loss.png    fine-tuned model
   $HF_OUT/                                     Hugging Face LlamaForCausalLM export
 Chat with it:  python chat.py --ckpt=$SFT_OUT/ckpt.pt
+Serve it:      python serve.py --ckpt=$SFT_OUT/ckpt.pt     (OpenAI API under /v1, a chat page at /)
 EOF
