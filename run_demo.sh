@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole Mini-Chinese-GPT pipeline on the bundled samples, tiny preset, CPU, in a few minutes:
-#   tokenize → pretrain → SFT data → SFT → preference data → DPO (LoRA) → perplexity + continuation
+#   clean + tokenize → pretrain → SFT data → SFT → preference data → DPO (LoRA) → perplexity + continuation
 #   → answers + medical multiple choice → Hugging Face export + transformers generate → a piped chat with the DPO model.
 #
 #   bash run_demo.sh                    # outputs in data/, sft_data/, out/ (as the real commands use)
@@ -36,8 +36,10 @@ stage() {  # stage NAME COMMAND...: run one stage, report its time, stop the dem
   printf -- '---- %s done in %ss\n' "$name" $((SECONDS - t0))
 }
 
-stage "1/10 tokenize the pretraining sample" \
-  $PYTHON data_process.py --out "$DATA"
+SAMPLE="--corpus medical=data/sample/medical.jsonl --corpus wiki=data/sample/wiki.json --corpus baidubaike=data/sample/baike.jsonl"
+stage "1/10 clean (quality rules, near-duplicates) and tokenize the pretraining sample" \
+  bash -c "$PYTHON data_clean.py $SAMPLE --out '$ROOT/data/clean' && \
+           $PYTHON data_process.py $SAMPLE --val-fraction=0.1 --out '$DATA' --clean '$ROOT/data/clean'"
 stage "2/10 pretrain (tiny preset, CPU)" \
   $PYTHON pretrain.py --preset=tiny --data="$DATA" --out_dir="$PRE_OUT" --max_iters="$PRETRAIN_ITERS" \
     --micro_batch_size=8 --grad_accum_steps=1 --seq_len=128 --lr=2e-3 --min_lr=2e-4 --warmup_iters=10 \
@@ -89,6 +91,7 @@ stage "10/10 a piped chat exchange with the DPO model (its LoRA checkpoint loads
 cat <<EOF
 
 ==== demo finished in $((SECONDS - START))s. What it made:
+  $ROOT/data/clean/report.md                   what cleaning removed and why
   $DATA (+ .json manifest, pretrain_val.bin)   tokenized pretraining sample
   $PRE_OUT/ckpt.pt, metrics.jsonl, loss.png    pretrained tiny model
   $SFT_CSV                                     SFT conversations
@@ -97,4 +100,5 @@ cat <<EOF
   $DPO_OUT/ckpt.pt, metrics.jsonl              DPO LoRA adapters (on $SFT_OUT/ckpt.pt)
   $HF_OUT/                                     Hugging Face LlamaForCausalLM export
 Chat with it:  python chat.py --ckpt=$DPO_OUT/ckpt.pt   (or $SFT_OUT/ckpt.pt, before DPO)
+Serve it:      python serve.py --ckpt=$DPO_OUT/ckpt.pt     (OpenAI API under /v1, a chat page at /)
 EOF
