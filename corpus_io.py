@@ -601,6 +601,12 @@ def parse_corpus_spec(spec: str) -> CorpusSource:
     return CorpusSource(spec, corpus, expand_paths(path))
 
 
+def source_labels(sources: list[CorpusSource]) -> list[str]:
+    """Each source's name in counts and tables: its corpus name, numbered when a name repeats."""
+    names = [s.corpus.name for s in sources]
+    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+
+
 def iter_source_texts(source: CorpusSource, skiplog: SkipLog | None = None) -> Iterator[str]:
     """Document texts of one resolved source, in file and record order; bad records go to `skiplog`."""
     for path in source.paths:

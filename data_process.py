@@ -11,6 +11,7 @@
     python data_process.py --list-corpora       # the registry, with each format described
     options: --val-fraction=0.01 (0.1 for the bundled sample) --min-tokens=5 --no-dedup --strict
              --tokenizer=chatglm_tokenizer --val-out=PATH --batch-docs=512
+             --clean=data/clean/   (data_clean.py's decisions: only the kept documents, edited as judged)
 
 Output (DESIGN.md): `--out` holds little-endian uint16 token ids, every document followed by <eos> (2),
 nothing else; beside it `x/foo.json`, the manifest (tokenizer sha256 and vocab size, dtype, eos id,
@@ -51,7 +52,9 @@ from tqdm import tqdm
 
 from corpus_io import (COMPRESSED_SUFFIXES, READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog,
                        describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, parse_corpus_spec,
-                       parse_payload, sample_corpus_specs, text_keys, where_of, write_atomic_text)
+                       parse_payload, sample_corpus_specs, source_labels, text_keys, where_of,
+                       write_atomic_text)
+from cleaning import CleanPlan
 from tokenfile import default_val_path, manifest_path, with_token_offsets
 
 DEFAULT_OUT = os.path.join("data", "pretrain_data.bin")
@@ -80,6 +83,7 @@ class Options:
     workers: int
     batch_docs: int
     tokenizer: str
+    clean: CleanPlan | None = None   # --clean: the records it drops, the edit for the rest
 
 
 # ---------------------------------------------------------------- worker side: parse, extract, tokenize
@@ -114,14 +118,16 @@ class Encoded(NamedTuple):
 
 _SP: Any = None  # the worker's sentencepiece model
 _EOS = 2
+_EDIT: Any = None  # --clean: the text edit data_clean.py judged the documents after
 
 
-def init_worker(model_file: str, eos_id: int, parent_pid: int | None = None) -> None:
+def init_worker(model_file: str, eos_id: int, edit: Any = None, parent_pid: int | None = None) -> None:
     """Load sentencepiece in this process; a pool worker also exits when its parent dies (kill -9)."""
-    global _SP, _EOS
+    global _SP, _EOS, _EDIT
     import sentencepiece as spm
     _SP = spm.SentencePieceProcessor(model_file=model_file)
     _EOS = eos_id
+    _EDIT = edit
     if parent_pid is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
         threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
@@ -145,6 +151,8 @@ def encode_batch(batch: Batch) -> Encoded:
             texts.append(extract_text(corpus, parse_payload(batch.layout, payload)))
         except BadRecord as exc:
             errors.append((where_of(batch.path, batch.layout, number), str(exc)))
+    if _EDIT is not None:
+        texts = [_EDIT(t) for t in texts]
     flat: list[int] = []
     lengths = np.empty(len(texts), dtype=np.int64)
     for i, ids in enumerate(_SP.encode(texts, num_threads=1)):
@@ -196,15 +204,16 @@ def _file_batches(s: int, f: int, path: str, corpus: str, layout: str, start: Po
     yield Batch(s, f, path, corpus, layout, items, last, last.offset - first.offset, True)
 
 
-def ordered_map(batches: Iterable[Batch], workers: int, model_file: str, eos_id: int) -> Iterator[Encoded]:
+def ordered_map(batches: Iterable[Batch], workers: int, model_file: str, eos_id: int,
+                edit: Any = None) -> Iterator[Encoded]:
     """encode_batch over `batches`, results in input order. At most ~2 batches per worker are in flight
     (Pool.imap would read the whole corpus ahead into its queue). One worker runs in this process."""
     if workers <= 1:
-        init_worker(model_file, eos_id)
+        init_worker(model_file, eos_id, edit)
         yield from map(encode_batch, batches)
         return
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    pool = context.Pool(workers, initializer=init_worker, initargs=(model_file, eos_id, os.getpid()))
+    pool = context.Pool(workers, initializer=init_worker, initargs=(model_file, eos_id, edit, os.getpid()))
     try:
         pending: deque = deque()
         source = iter(batches)
@@ -324,7 +333,8 @@ def run_key(opts: Options, identity: dict) -> str:
     what = {"version": STATE_VERSION, "sources": [[s.spec, s.corpus.name] for s in opts.sources],
             "files": files, "tokenizer": [identity["sha256"], identity["vocab_size"]],
             "out": os.path.abspath(opts.out), "val_out": opts.val_out and os.path.abspath(opts.val_out),
-            "val_fraction": opts.val_fraction, "min_tokens": opts.min_tokens, "dedup": opts.dedup}
+            "val_fraction": opts.val_fraction, "min_tokens": opts.min_tokens, "dedup": opts.dedup,
+            "clean": opts.clean and opts.clean.manifest()["decisions_sha256"]}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -345,7 +355,7 @@ class Run:
     def __init__(self, opts: Options, identity: dict, eos_id: int):
         self.opts, self.identity, self.eos_id = opts, identity, eos_id
         self.key = run_key(opts, identity)
-        self.labels = _source_labels(opts.sources)
+        self.labels = source_labels(opts.sources)
         self.partials = PartialFiles(opts)
         self.skiplog = SkipLog(strict=opts.strict)
         self.stats = [SourceStats() for _ in opts.sources]
@@ -519,7 +529,8 @@ class Run:
                 "documents": sum(s["documents_kept"] for s in sources),
                 "other_split": other and os.path.basename(other),
                 "val_fraction": self.opts.val_fraction, "min_tokens": self.opts.min_tokens,
-                "dedup": self.opts.dedup, "sources": sources}
+                "dedup": self.opts.dedup, "clean": self.opts.clean and self.opts.clean.manifest(),
+                "sources": sources}
 
     def _source_manifest(self, i: int, train: bool) -> dict:
         stats, source = self.stats[i], self.opts.sources[i]
@@ -531,12 +542,6 @@ class Run:
                 "too_short": stats.too_short, "duplicate": stats.duplicate,
                 "malformed": sum(skipped.values()), "malformed_by_reason": skipped,
                 "tokens": stats.tokens if train else stats.val_tokens}
-
-
-def _source_labels(sources: list[CorpusSource]) -> list[str]:
-    """Each source's name in counts and tables: its corpus name, numbered when a name repeats."""
-    names = [s.corpus.name for s in sources]
-    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
 
 def _remove(path: str) -> None:
@@ -627,9 +632,12 @@ def process(opts: Options) -> Run:
 def _tokenize_all(run: Run, model_file: str, eos_id: int) -> None:
     opts = run.opts
     batches = iter_batches(opts.sources, run.cursor, opts.batch_docs)
+    if opts.clean is not None:  # the removed records never reach a worker
+        batches = (b._replace(items=opts.clean.keep_items(b.source, b.file, b.items)) for b in batches)
     progress = Progress(opts, run.labels)
     # closing(): on an error (say --strict) the worker pool stops now, not whenever the generator is collected
-    with contextlib.closing(ordered_map(batches, opts.workers, model_file, eos_id)) as results:
+    edit = opts.clean.edit() if opts.clean is not None else None
+    with contextlib.closing(ordered_map(batches, opts.workers, model_file, eos_id, edit)) as results:
         try:
             for enc in results:
                 run.apply(enc)
@@ -656,6 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tokenizer processes (default: the CPUs this process may use, %(default)s)")
     parser.add_argument("--batch-docs", type=int, default=512, help="documents per worker batch")
     parser.add_argument("--tokenizer", default="chatglm_tokenizer", help="tokenizer folder")
+    parser.add_argument("--clean", default=None, metavar="DIR",
+                        help="apply data_clean.py's decisions in DIR: tokenize only the documents they keep")
     parser.add_argument("--list-corpora", action="store_true", help="describe the known corpus formats")
     return parser.parse_args(argv)
 
@@ -682,8 +692,11 @@ def build_options(args: argparse.Namespace) -> Options:
         ensure_output_folder(path)
     if val_out and os.path.abspath(val_out) == os.path.abspath(args.out):
         raise CorpusError("--val-out must differ from --out")
+    clean = None
+    if args.clean:
+        clean = CleanPlan.load(args.clean, sources)
     return Options(sources, args.out, val_out, args.val_fraction, args.min_tokens, not args.no_dedup,
-                   args.strict, args.workers, args.batch_docs, args.tokenizer)
+                   args.strict, args.workers, args.batch_docs, args.tokenizer, clean)
 
 
 def main(argv: list[str] | None = None) -> int:

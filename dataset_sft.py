@@ -31,7 +31,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,6 @@ import torch
 from tqdm import tqdm
 
 IGNORE_INDEX = -100          # target value the loss skips; the model's cross-entropy uses the same value
-REQUIRED_COLUMNS = ("prompt", "answer")   # history and source are optional, so seed-style CSVs load too
 TOKENIZE_CHUNK_ROWS = 8192   # rows per native batch-encode call: fast, yet bounded peak memory
 # When one turn alone is too long, the prompt keeps at least 1/4 of the room before the answer is cut:
 # an answer with no question left would teach the model to talk without being asked.
@@ -124,15 +123,19 @@ def _parse_history(text: str) -> list[tuple[str, str]]:
     return [(p, a) for p, a in turns]
 
 
-def _frame_conversations(frame: pd.DataFrame, path: str, first_row: int) -> list[list[tuple[str, str]]]:
-    """Conversations of one chunk of CSV rows; `first_row` is the chunk's 0-based row in the file."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+def _frame_conversations(frame: pd.DataFrame, path: str, first_row: int,
+                         answer_column: str = "answer") -> list[list[tuple[str, str]]]:
+    """Conversations of one chunk of CSV rows, the last answer from `answer_column` (dpo_data.csv: chosen or
+    rejected); `first_row` is the chunk's 0-based row in the file. Only prompt and the answer column are
+    required: history and source are optional, so seed-style CSVs load too."""
+    missing = [c for c in ("prompt", answer_column) if c not in frame.columns]
     if missing:
-        raise SFTDataError(f"{path}: line 1: missing column(s) {', '.join(missing)} "
-                           f"(expected prompt, answer, history, source)")
+        expected = "prompt, answer, history, source" if answer_column == "answer" else \
+            "prompt, chosen, rejected, history, source"
+        raise SFTDataError(f"{path}: line 1: missing column(s) {', '.join(missing)} (expected {expected})")
     histories = frame["history"].tolist() if "history" in frame.columns else [""] * len(frame)
     conversations = []
-    for row, (prompt, answer, history) in enumerate(zip(frame["prompt"].tolist(), frame["answer"].tolist(),
+    for row, (prompt, answer, history) in enumerate(zip(frame["prompt"].tolist(), frame[answer_column].tolist(),
                                                         histories), start=first_row):
         try:
             turns = _parse_history(history)
@@ -155,11 +158,11 @@ def _csv_error(path: str, exc: Exception) -> SFTDataError:
     return SFTDataError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})")
 
 
-def _chunks(reader: Iterator[pd.DataFrame], path: str) -> Iterator[list[list[tuple[str, str]]]]:
+def _chunks(reader: Iterator[pd.DataFrame], path: str, answer_column: str) -> Iterator[list[list[tuple[str, str]]]]:
     rows = 0
     try:
         for frame in reader:
-            yield _frame_conversations(frame, path, rows)
+            yield _frame_conversations(frame, path, rows, answer_column)
             rows += len(frame)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise _csv_error(path, exc) from None
@@ -167,9 +170,11 @@ def _chunks(reader: Iterator[pd.DataFrame], path: str) -> Iterator[list[list[tup
         raise SFTDataError(f"{path}: has a header but no rows")
 
 
-def iter_sft_csv(path: str, chunk_rows: int = TOKENIZE_CHUNK_ROWS) -> Iterator[list[list[tuple[str, str]]]]:
+def iter_sft_csv(path: str, chunk_rows: int = TOKENIZE_CHUNK_ROWS,
+                 answer_column: str = "answer") -> Iterator[list[list[tuple[str, str]]]]:
     """Chunks of conversations (lists of (prompt, answer) turns, oldest first) from an SFT CSV, streamed so
-    memory holds one chunk of text at a time. Raises SFTDataError naming the file (and line and field)
+    memory holds one chunk of text at a time. A preference CSV reads as the conversations ending in its
+    `answer_column="chosen"` (or "rejected") answers. Raises SFTDataError naming the file (and line and field)
     for a missing file, a missing column, an unparsable CSV, no rows, or a malformed history; a missing
     or empty file is refused at once, before any chunk is read."""
     if not os.path.isfile(path):
@@ -179,7 +184,7 @@ def iter_sft_csv(path: str, chunk_rows: int = TOKENIZE_CHUNK_ROWS) -> Iterator[l
         reader = pd.read_csv(path, keep_default_na=False, dtype=str, chunksize=chunk_rows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise _csv_error(path, exc) from None
-    return _chunks(reader, path)
+    return _chunks(reader, path, answer_column)
 
 
 def read_sources(path: str) -> np.ndarray | None:
@@ -276,8 +281,8 @@ class SFTSamples:
 
 
 @dataclass
-class _Accumulator:
-    """Collects samples as Python lists per chunk, then packs each chunk into numpy arrays."""
+class SampleAccumulator:
+    """Collects samples as Python lists per chunk, then packs each chunk into numpy arrays (dataset_dpo too)."""
     id_dtype: type
     ids: list = field(default_factory=list)
     learn: list = field(default_factory=list)
@@ -306,7 +311,7 @@ class _Accumulator:
         return SFTSamples(ids, learn, offsets, keys, rows)
 
 
-def _encode_turns(tokenizer, conversations: list[list[tuple[str, str]]], num_threads: int) -> list[list[Turn]]:
+def encode_turns(tokenizer, conversations: list[list[tuple[str, str]]], num_threads: int) -> list[list[Turn]]:
     """Every prompt and answer of `conversations` in one native batch-encode call (no specials added)."""
     texts = [text for turns in conversations for turn in turns for text in turn]
     encoded = iter(tokenizer.encode_batch(texts, num_threads=num_threads))
@@ -320,11 +325,11 @@ def tokenize_conversations(chunks: Iterable[list[list[tuple[str, str]]]], tokeni
     ids and put in the validation split when its row_key falls in the lowest `val_fraction` of hashes."""
     bos, eos = tokenizer.special_tokens["<bos>"], tokenizer.special_tokens["<eos>"]
     id_dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
-    train, val = _Accumulator(id_dtype), _Accumulator(id_dtype)
+    train, val = SampleAccumulator(id_dtype), SampleAccumulator(id_dtype)
     val_below = int(val_fraction * 2.0 ** 64)
     with tqdm(desc="tokenizing SFT data", unit=" conversations", disable=not progress) as bar:
         for chunk in chunks:
-            for text_turns, turns in zip(chunk, _encode_turns(tokenizer, chunk, num_threads)):
+            for text_turns, turns in zip(chunk, encode_turns(tokenizer, chunk, num_threads)):
                 kept, cut = fit_turns(turns, max_seq_len + 1)
                 ids, learn = layout_sample(kept, bos, eos, cut.answer_cut)
                 stats.rows += 1
@@ -381,6 +386,7 @@ class SFTDataset:
     rows, rank r the r-th slice, and the position is still the samples read, always at a row boundary. So the
     guarantees above hold for rows as for samples. Validation batches stay padded (the same per-sample losses).
     """
+    KIND = "sft"   # what state_dict() records; a data position saved by another kind of source is refused
 
     def __init__(self, samples: SFTSamples, micro_batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 1337, pad_id: int = 0, bucket_batches: int = DEFAULT_BUCKET_BATCHES,
@@ -531,14 +537,14 @@ class SFTDataset:
         return self._fingerprint
 
     def state_dict(self) -> dict:
-        return {"kind": "sft", "epoch": self.epoch, "offset": self._offset, "seed": self.seed,
+        return {"kind": self.KIND, "epoch": self.epoch, "offset": self._offset, "seed": self.seed,
                 "order_batch": self.order_batch, "bucket_batches": self.bucket_batches,
                 "num_samples": len(self.samples), "fingerprint": self.fingerprint(), "pack_len": self.pack_len}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken, on any world size and micro batch. The seed, chunk size
         and bucketing of the saved run win (they define its order). Different data is refused."""
-        if state.get("kind") != "sft" or state.get("fingerprint") != self.fingerprint():
+        if state.get("kind") != self.KIND or state.get("fingerprint") != self.fingerprint():
             raise SFTDataError(f"the checkpoint's data position is for other data ({state.get('num_samples')} "
                                f"samples, fingerprint {state.get('fingerprint')}) than this run's "
                                f"({len(self.samples)} samples, {self.fingerprint()}): resume with the same "
@@ -581,6 +587,26 @@ def build_sft_datasets(path: str, tokenizer, max_seq_len: int, micro_batch_size:
     val_ds = SFTDataset(val, micro_batch_size, rank, world_size, seed, pad_id, bucket_batches,
                         sources[val.rows] if sources is not None else None) if len(val) else None
     return train_ds, val_ds, stats
+
+
+def train_and_val(data: str, val_data: str, val_fraction: float, build: Callable[[str, float], tuple],
+                  rank: int) -> tuple:
+    """(train, val or None) for sft.py and dpo.py: the train split of `data`, and validation from `val_data`
+    (all its rows) or a held-out `val_fraction` of `data`; `val_data`='none' = no validation. build(path,
+    fraction) returns (train, val or None, stats), e.g. build_sft_datasets with the run's settings."""
+    separate_val = val_data.lower() not in ("", "none")
+    train_ds, val_ds, stats = build(data, 0.0 if val_data else val_fraction)
+    if rank == 0:
+        print(stats.describe())
+    if separate_val:
+        # every row of --val_data is validation: its "train" split at fraction 0 holds them all
+        val_ds, _, val_stats = build(val_data, 0.0)
+        if rank == 0:
+            print(val_stats.describe() + " (all used for validation)")
+    if val_ds is None and rank == 0:
+        why = "--val_data=none" if val_data else f"--val_fraction={val_fraction} selected no row"
+        print(f"note: no validation data ({why}): no val loss, no best.pt", file=sys.stderr)
+    return train_ds, val_ds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
     python export_hf.py --ckpt out/sft/ckpt.pt --out out/hf
     python export_hf.py --ckpt llama2_chinese_92m.pth --out out/hf_seed --n_heads=8   # a seed state dict
     python export_hf.py --ckpt out/sft/ckpt.pt --out out/hf_bf16 --dtype=bfloat16
+    python export_hf.py --ckpt out/sft_lora/ckpt.pt --out out/hf                  # LoRA: adapters merged
+    python export_hf.py --ckpt out/sft_lora/ckpt.pt --out out/hf --lora=separate  # base + PEFT adapter folder
 
 The folder (config.json, model.safetensors, generation_config.json, tokenizer.model, tokenizer_config.json,
 tokenization_chatglm.py) loads offline with
@@ -14,6 +16,12 @@ and from there vLLM or llama.cpp's convert_hf_to_gguf.py. Our rotary embedding r
 (llama2.c); HF's rotates halves, so wq/wk rows are permuted on the way out (model.to_hf_state_dict) and
 back on the way in (model.load_model reads these folders too). The folder is written under a temporary
 name and renamed into place, so a crash never leaves a half-written export at --out.
+
+A LoRA checkpoint (sft.py/dpo.py --lora_rank) is exported with its adapters merged into the weights. With
+--lora=separate, --out gets the base model instead and OUT_lora/ a PEFT adapter folder (adapter_config.json,
+adapter_model.safetensors; wq/wk rows of lora_B permuted like the weights), loadable offline with
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("out/hf"), "out/hf_lora")
 """
 from __future__ import annotations
 
@@ -29,7 +37,9 @@ import torch
 from chatglm_tokenizer import (DEFAULT_TOKENIZER, TokenizerError, check_same_tokenizer, resolve_tokenizer_dir,
                                tokenizer_identity)
 from corpus_io import replace_folder
-from model import CheckpointError, ModelArgs, Transformer, load_model, to_hf_state_dict
+from lora import TARGETS as TARGET_MODULES
+from model import (HF_LAYER_NAMES, CheckpointError, ModelArgs, Transformer, load_model, lora_base_path,
+                   rope_pairs_to_halves, to_hf_state_dict)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py")
@@ -85,23 +95,66 @@ def _write_folder(model: Transformer, dtype: str, tokenizer_folder: str, dest: s
     _copy_tokenizer(tokenizer_folder, dest)
 
 
-def export_hf(ckpt: str, out: str, n_heads: int = 8, dtype: str = "float32", tokenizer: str | None = None) -> str:
-    """Write the HF folder for `ckpt` (any kind load_model reads) at `out`; returns the tokenizer folder used."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, meta = load_model(ckpt, n_heads=n_heads)
-    tokenizer_folder = _tokenizer_source(meta, tokenizer, ckpt)
+def peft_adapter_state(adapters: dict, args: ModelArgs) -> dict:
+    """Our adapter tensors (layers.N.attention.wq.lora_A, …) as PEFT saves them for LlamaForCausalLM
+    (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, …). A permutation of W's rows is one of
+    B's rows (delta W = B A), so lora_B of wq/wk goes to HF's rotate-half order as the weights do."""
+    state = {}
+    for key, tensor in adapters.items():
+        _, index, sublayer, linear, part = key.split(".")   # layers N attention wq lora_A
+        suffix = f"{sublayer}.{linear}"
+        if part == "lora_B" and suffix in ("attention.wq", "attention.wk"):
+            tensor = rope_pairs_to_halves(tensor, args.n_heads if suffix.endswith("wq") else args.kv_heads)
+        hf_module = HF_LAYER_NAMES[f"{suffix}.weight"].removesuffix(".weight")
+        state[f"base_model.model.model.layers.{index}.{hf_module}.{part}.weight"] = tensor.contiguous()
+    return state
+
+
+def _write_peft_adapter(lora: dict, adapters: dict, args: ModelArgs, base_out: str, dest: str, dtype: str) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+    targets = sorted({HF_LAYER_NAMES[f"{TARGET_MODULES[t]}.weight"].split(".")[1] for t in lora["targets"].split(",")})
+    LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
+               bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_out).save_pretrained(dest)
+    state = {k: v.to(DTYPES[dtype]) for k, v in peft_adapter_state(adapters, args).items()}
+    save_file(state, os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _export_folder(out: str, write) -> str:
+    """Run write(tmp) into a fresh temporary folder beside `out`, then move it to `out` (atomically)."""
     out = os.path.abspath(out)
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file; give a folder path")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
-        _write_folder(model, dtype, tokenizer_folder, tmp)
+        write(tmp)
         replace_folder(tmp, out)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+    return out
+
+
+def export_hf(ckpt: str, out: str, n_heads: int = 8, dtype: str = "float32", tokenizer: str | None = None,
+              lora: str = "merge") -> str:
+    """Write the HF folder for `ckpt` (any kind load_model reads) at `out`; returns the tokenizer folder used.
+    lora="separate" (a LoRA checkpoint only): the base model at `out`, the PEFT adapter at OUT_lora."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if lora not in ("merge", "separate"):
+        raise ValueError(f"--lora must be merge or separate, got {lora!r}")
+    model, meta = load_model(ckpt, n_heads=n_heads)
+    tokenizer_folder = _tokenizer_source(meta, tokenizer, ckpt)
+    if lora == "separate":
+        if not meta.get("lora"):
+            raise ValueError(f"--lora=separate: {ckpt} is not a LoRA checkpoint (it holds full weights)")
+        model, _ = load_model(lora_base_path(ckpt, meta["lora"]), n_heads=n_heads)
+        adapters = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+        base_out = os.path.abspath(out)
+        _export_folder(out.rstrip(os.sep) + "_lora", lambda tmp: _write_peft_adapter(
+            meta["lora"], adapters, model.args, base_out, tmp, dtype))
+    _export_folder(out, lambda tmp: _write_folder(model, dtype, tokenizer_folder, tmp))
     return tokenizer_folder
 
 
@@ -113,13 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_heads", type=int, default=8, help="heads of a seed state dict (not in its shapes)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder (default: the one the checkpoint records, else chatglm_tokenizer)")
+    parser.add_argument("--lora", default="merge", choices=("merge", "separate"),
+                        help="a LoRA checkpoint: merge its adapters into the weights (default), or write the base "
+                             "model at --out and a PEFT adapter folder at OUT_lora")
     opts = parser.parse_args(argv)
     try:
-        tokenizer_folder = export_hf(opts.ckpt, opts.out, opts.n_heads, opts.dtype, opts.tokenizer)
+        tokenizer_folder = export_hf(opts.ckpt, opts.out, opts.n_heads, opts.dtype, opts.tokenizer, opts.lora)
     except (CheckpointError, TokenizerError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {opts.out}: LlamaForCausalLM ({opts.dtype}) from {opts.ckpt}, tokenizer from {tokenizer_folder}")
+    print(f"wrote {opts.out}: LlamaForCausalLM ({opts.dtype}) from {opts.ckpt}, tokenizer from {tokenizer_folder}"
+          + (f"; PEFT adapter in {opts.out.rstrip(os.sep)}_lora" if opts.lora == "separate" else ""))
     return 0
 
 

@@ -1,8 +1,8 @@
 """The Llama2-style network, its presets, generation with a KV cache, and the one checkpoint loader.
 
 Read top to bottom: ModelArgs and PRESETS, RMSNorm, rotary helpers, Attention, FeedForward, Block,
-Transformer (forward, generation), then loading weights (this repo's checkpoints, the seed project's
-plain state dicts, exported Hugging Face folders).
+Transformer (forward, generation), then loading weights (this repo's checkpoints, LoRA ones merged into
+the base weights they record, the seed project's plain state dicts, exported Hugging Face folders).
 
     python model.py                      # parameter and FLOP table of every preset
     python model.py --ckpt=out/pretrain/ckpt.pt   # what a checkpoint holds (kind, ModelArgs, size)
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fused_ce import linear_cross_entropy
+from lora import merge_state_dict, weights_sha256
 
 
 @dataclass
@@ -458,13 +459,13 @@ class CheckpointError(RuntimeError):
     """A weights file or folder that is missing, truncated, corrupt, or not a kind load_model reads."""
 
 
-_WHAT_LOADS = ("expected a training checkpoint (ckpt.pt from pretrain.py/sft.py), a state dict .pth with "
+_WHAT_LOADS = ("expected a training checkpoint (ckpt.pt from pretrain.py/sft.py/dpo.py), a state dict .pth with "
                "tok_embeddings.weight and layers.N.attention.wq.weight, or an exported HF folder")
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")             # torch.compile, DDP
 _DERIVED_BUFFERS = ("freqs_cos", "freqs_sin", "freqs_cis", "rope_cos", "rope_sin", "attention.mask")
 
 # our name suffix -> Hugging Face LlamaForCausalLM name suffix, per layer
-_HF_LAYER_NAMES = {
+HF_LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
@@ -516,7 +517,7 @@ def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
                 tensor = rope_pairs_to_halves(tensor, args.n_heads)
             elif suffix == "attention.wk.weight":
                 tensor = rope_pairs_to_halves(tensor, args.kv_heads)
-            hf[f"model.layers.{index}.{_HF_LAYER_NAMES[suffix]}"] = tensor.contiguous()
+            hf[f"model.layers.{index}.{HF_LAYER_NAMES[suffix]}"] = tensor.contiguous()
         else:
             hf[_HF_TOP_NAMES[key]] = tensor.contiguous()
     return hf
@@ -524,7 +525,7 @@ def to_hf_state_dict(state: dict, args: ModelArgs) -> dict:
 
 def from_hf_state_dict(hf: dict, args: ModelArgs) -> dict:
     """LlamaForCausalLM weights -> our names, wq/wk rows back to interleaved pairs."""
-    layer_names = {v: k for k, v in _HF_LAYER_NAMES.items()}
+    layer_names = {v: k for k, v in HF_LAYER_NAMES.items()}
     top_names = {v: k for k, v in _HF_TOP_NAMES.items()}
     state = {}
     for key, tensor in hf.items():
@@ -622,13 +623,45 @@ def _read_weights(path: str, n_heads: int, max_seq_len: int | None) -> tuple[dic
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: bad model_args in checkpoint ({_first_line(exc)})") from None
         meta = {"kind": "checkpoint", "tokenizer": obj.get("tokenizer"), "config": obj.get("config")}
-        return _strip_prefixes(obj["model"]), args, meta
+        state = _strip_prefixes(obj["model"])
+        if obj.get("lora"):
+            meta["lora"] = obj["lora"]
+            state = _merge_lora_checkpoint(path, obj["lora"], state, args, n_heads)
+        return state, args, meta
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state = _strip_prefixes(obj)
         if "tok_embeddings.weight" in state and "layers.0.attention.wq.weight" in state:
             args = _args_from_state_dict(state, path, n_heads, max_seq_len)
             return state, args, {"kind": "state_dict", "tokenizer": None, "config": None}
     raise CheckpointError(f"{path}: loaded, but holds neither a checkpoint nor model weights; {_WHAT_LOADS}")
+
+
+def lora_base_path(path: str, lora: dict) -> str:
+    """The base weights a LoRA checkpoint at `path` was trained on, found where it was (as given, then
+    absolute), checked against its sha256. CheckpointError when missing or changed."""
+    base = lora["base"]
+    found = next((p for p in (base["path"], base.get("abspath", "")) if p and os.path.exists(p)), None)
+    if found is None:
+        raise CheckpointError(f"{path} holds LoRA adapters for the base weights {base['path']} (sha256 "
+                              f"{base['sha256'][:12]}…), which are not there; put them back or export the merged "
+                              f"model where they are")
+    if weights_sha256(found) != base["sha256"]:
+        raise CheckpointError(f"{path} holds LoRA adapters for {base['path']} with sha256 {base['sha256'][:12]}…, "
+                              f"but {found} has changed since (sha256 {weights_sha256(found)[:12]}…)")
+    return found
+
+
+def _merge_lora_checkpoint(path: str, lora: dict, adapters: dict, args: ModelArgs, n_heads: int) -> dict:
+    """A LoRA checkpoint's full weights: its base (read like any weights, itself possibly LoRA) with the
+    adapters folded in."""
+    base_state, base_args, _ = _read_weights(lora_base_path(path, lora), n_heads, None)
+    if (base_args.dim, base_args.n_layers, base_args.vocab_size) != (args.dim, args.n_layers, args.vocab_size):
+        raise CheckpointError(f"{path}: its base {lora['base']['path']} has another shape ({asdict(base_args)})")
+    try:
+        return merge_state_dict(_normalise_state(base_state, base_args), adapters, lora["alpha"] / lora["rank"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: adapters do not fit the base {lora['base']['path']} "
+                              f"({_first_line(exc)})") from None
 
 
 def _normalise_state(state: dict, args: ModelArgs) -> dict:

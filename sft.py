@@ -7,11 +7,13 @@
     python sft.py --resume                                        # continue out/sft after a stop or crash
     python sft.py --init_from=out/pretrain/ckpt.pt --val_data=my_val.csv --epochs=3 --lr=5e-5
     python sft.py --init_from=out/pretrain/ckpt.pt --pack=false   # one padded sample per row (the old batches)
+    python sft.py --init_from=out/sft/ckpt.pt --lora_rank=16 --data=medical.csv --out_dir=out/sft_med --lr=2e-4
     python sft.py --help                                          # every flag, with its meaning
 
 --init_from (weights only: this repo's checkpoints, a seed-style .pth or an exported HF folder) or --resume
 is required. The model's shape, and with it the sequence length samples are truncated to, comes from those
 weights. Writes out/sft/: ckpt.pt, ckpt_NNNNNNN.pt, best.pt, metrics.jsonl, loss.png, as pretraining does.
+With --lora_rank only LoRA adapters train (lora.py), and the checkpoints hold just them and the base's sha256.
 
 Each CSV row is one conversation laid out as `prompt <bos> answer <eos>` per turn (dataset_sft.py); the loss
 is the mean over the answer tokens (and their <eos>) of a whole optimizer step, all micro batches and ranks
@@ -26,51 +28,33 @@ import sys
 from dataclasses import dataclass
 
 from chatglm_tokenizer import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_identity
-from dataset_sft import DEFAULT_BUCKET_BATCHES, SFTDataError, SFTDataset, build_sft_datasets
-from train_config import ConfigError, TrainConfig
+from dataset_sft import SFTDataError, SFTDataset, build_sft_datasets, train_and_val
+from train_config import ConfigError, SFTConfig
 from trainer import configure, recorded_tokenizer, resolve_model_args, run_cli, train
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    """TrainConfig plus the SFT data options."""
+class SFTStageConfig(SFTConfig):
+    """SFTConfig plus sft.py's batch layout."""
 
-    val_data: str = ""
-    """Validation CSV (all its rows); '' = a held-out --val_fraction of --data's rows; 'none' = off."""
-    val_fraction: float = 0.01
-    """Share of --data's rows held out for the validation loss (by a hash of each row); ignored with --val_data."""
-    bucket_batches: int = DEFAULT_BUCKET_BATCHES
-    """Length grouping: samples are sorted by length within buckets of this many global batches (1 = none)."""
     pack: bool = True
     """Pack several samples into each micro-batch row of max_seq_len positions (attention and positions restart
     at every sample, so each is trained exactly as alone, without padding); false = one padded sample per row."""
 
 
 # The seed project's fine-tuning settings: 2 epochs at lr 2e-5 (cosine to a tenth), light weight decay.
-DEFAULTS = SFTConfig(data="sft_data/sft_data.csv", out_dir="out/sft", preset="92m", lr=2e-5, min_lr=2e-6,
-                     weight_decay=1e-4, micro_batch_size=16, grad_accum_steps=2, epochs=2.0,
-                     eval_interval=200, eval_iters=50, save_interval=500)
+DEFAULTS = SFTStageConfig(data="sft_data/sft_data.csv", out_dir="out/sft", preset="92m", lr=2e-5, min_lr=2e-6,
+                          weight_decay=1e-4, micro_batch_size=16, grad_accum_steps=2, epochs=2.0,
+                          eval_interval=200, eval_iters=50, save_interval=500)
 
 
-def build_datasets(cfg: SFTConfig, tokenizer, max_seq_len: int, rank: int,
+def build_datasets(cfg: SFTStageConfig, tokenizer, max_seq_len: int, rank: int,
                    world_size: int) -> tuple[SFTDataset, SFTDataset | None]:
     """Train split of --data, and validation from --val_data (all rows) or a held-out share of --data."""
-    def build(path: str, val_fraction: float, pack: bool = cfg.pack):
+    def build(path: str, val_fraction: float):
         return build_sft_datasets(path, tokenizer, max_seq_len, cfg.micro_batch_size, rank, world_size,
-                                  cfg.seed, val_fraction, cfg.bucket_batches, progress=rank == 0, pack=pack)
-    separate_val = cfg.val_data.lower() not in ("", "none")
-    train_ds, val_ds, stats = build(cfg.data, 0.0 if cfg.val_data else cfg.val_fraction)
-    if rank == 0:
-        print(stats.describe())
-    if separate_val:
-        # every row of --val_data is validation: its "train" split at fraction 0 holds them all
-        val_ds, _, val_stats = build(cfg.val_data, 0.0, pack=False)
-        if rank == 0:
-            print(val_stats.describe() + " (all used for validation)")
-    if val_ds is None and rank == 0:
-        why = "--val_data=none" if cfg.val_data else f"--val_fraction={cfg.val_fraction} selected no row"
-        print(f"note: no validation data ({why}): no val loss, no best.pt", file=sys.stderr)
-    return train_ds, val_ds
+                                  cfg.seed, val_fraction, cfg.bucket_batches, progress=rank == 0, pack=cfg.pack)
+    return train_and_val(cfg.data, cfg.val_data, cfg.val_fraction, build, rank)
 
 
 def main(argv: list[str]) -> dict:

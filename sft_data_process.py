@@ -33,35 +33,27 @@ run. The CSV appears only when complete (written to OUT.tmp, then renamed).
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
 import os
-import re
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, NamedTuple, TextIO
+from typing import Any, Iterator, NamedTuple
 
-from tqdm import tqdm
-
-from corpus_io import READ_ERRORS, BadRecord, CorpusError, SkipLog, expand_paths, iter_records, json_type, str_field
+from corpus_io import BadRecord, CorpusError, SkipLog, json_type, str_field
+from sft_corpus import (SAMPLE_DIR, SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, count_arg,
+                        describe_registry, history_json, iter_parsed, list_field, parse_source, summary_table,
+                        text_field, write_csv_atomic)
 
 COLUMNS = ("prompt", "answer", "history", "source")
 DEFAULT_OUT = os.path.join("sft_data", "sft_data.csv")
-# The bundled sample lives beside this script, so the bare command works from any working directory.
-SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_data", "sample")
 DEFAULT_CORPORA = (
     f"alpaca_zh={os.path.join(SAMPLE_DIR, 'alpaca_zh_sample.json')}",
     f"sharegpt={os.path.join(SAMPLE_DIR, 'sharegpt_sample.jsonl')}",
     f"chatmed={os.path.join(SAMPLE_DIR, 'chatmed_sample.jsonl')}",
 )
-# json.loads accepts "\ud83d" escapes that are not characters; they cannot be written as UTF-8.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 HUATUO_PREFIXES = (("问：", "问:"), ("答：", "答:"))   # full-width colon in the data; ASCII tolerated
 DISC_ROLES = {"user": "user", "assistant": "assistant"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class Dialogue(NamedTuple):
@@ -71,28 +63,6 @@ class Dialogue(NamedTuple):
 
 
 # ---------------------------------------------------------------- record → dialogue
-
-def _clean(text: str, label: str) -> str:
-    """`text` stripped; BadRecord when it holds a lone surrogate (not valid Unicode, cannot be written)."""
-    if _SURROGATE.search(text):
-        raise BadRecord(f"invalid Unicode (field '{label}' holds a lone surrogate escape)")
-    return text.strip()
-
-
-def _text(record: Any, field: str, label: str | None = None) -> str:
-    """A string field, stripped; BadRecord naming the field when absent, not a string or not valid Unicode."""
-    return _clean(str_field(record, field, label), label or field)
-
-
-def _list_field(record: Any, field: str) -> list:
-    if not isinstance(record, dict):
-        raise BadRecord(f"not a JSON object (got {json_type(record)})")
-    if field not in record:
-        raise BadRecord(f"missing field '{field}'")
-    if not isinstance(record[field], list):
-        raise BadRecord(f"field '{field}' is not an array (got {json_type(record[field])})")
-    return record[field]
-
 
 def _pair_up(texts: list[str], field: str) -> Dialogue:
     """Alternating question/answer texts (question first) → turns; a trailing question is dropped,
@@ -108,55 +78,46 @@ def _pair_up(texts: list[str], field: str) -> Dialogue:
 def instruction_dialogue(record: Any) -> Dialogue:
     """alpaca_zh, belle, medical_sft: prompt = instruction, a newline, then input when present
     (shibing624/medical's zh files ask in `instruction`, its en files in `input`); answer = output."""
-    instruction = _text(record, "instruction")
-    extra = _text(record, "input") if record.get("input") is not None else ""
+    instruction = text_field(record, "instruction")
+    extra = text_field(record, "input") if record.get("input") is not None else ""
     prompt = "\n".join(part for part in (instruction, extra) if part)
-    return Dialogue([(prompt, _text(record, "output"))])
+    return Dialogue([(prompt, text_field(record, "output"))])
 
 
 def fields_dialogue(record: Any, prompt_field: str, answer_field: str) -> Dialogue:
     """One question and one answer in two named fields (chatmed: query/response; jsonl:P,A)."""
-    return Dialogue([(_text(record, prompt_field), _text(record, answer_field))])
+    return Dialogue([(text_field(record, prompt_field), text_field(record, answer_field))])
 
 
 def huatuo_dialogue(record: Any) -> Dialogue:
     """HuatuoGPT: {"data": ["问：…", "答：…", …]}; prefixes stripped, turns paired."""
     texts = []
-    for i, item in enumerate(_list_field(record, "data")):
+    for i, item in enumerate(list_field(record, "data")):
         label = f"data[{i}]"
         if not isinstance(item, str):
             raise BadRecord(f"field '{label}' is not a string (got {json_type(item)})")
         prefixes = HUATUO_PREFIXES[i % 2]
         if not item.startswith(prefixes):
             raise BadRecord(f"bad turn prefix (field '{label}' should start with {prefixes[0]})")
-        texts.append(_clean(item[len(prefixes[0]):], label))
+        texts.append(clean_text(item[len(prefixes[0]):], label))
     return _pair_up(texts, "data")
 
 
 def role_dialogue(record: Any, field: str, role_key: str, text_key: str, roles: dict[str, str]) -> Dialogue:
     """A list of {role, text} turns alternating user/assistant, user first (disc_med, sharegpt)."""
     texts = []
-    for i, turn in enumerate(_list_field(record, field)):
+    for i, turn in enumerate(list_field(record, field)):
         label = f"{field}[{i}]"
         role = str_field(turn, role_key, f"{label}.{role_key}")
         expected = "user" if i % 2 == 0 else "assistant"
         if roles.get(role) != expected:
             accepted = "/".join(name for name, kind in roles.items() if kind == expected)
             raise BadRecord(f"bad turn role (field '{label}.{role_key}' is {role!r}; expected {accepted})")
-        texts.append(_text(turn, text_key, f"{label}.{text_key}"))
+        texts.append(text_field(turn, text_key, f"{label}.{text_key}"))
     return _pair_up(texts, field)
 
 
 # ---------------------------------------------------------------- the reader registry
-
-@dataclass(frozen=True)
-class Reader:
-    """A named SFT corpus format: its file layout (corpus_io) and how one record becomes a Dialogue."""
-    name: str
-    layout: str
-    parse: Callable[[Any], Dialogue]
-    about: str
-
 
 SFT_READERS: dict[str, Reader] = {r.name: r for r in [
     Reader("alpaca_zh", "json_array", instruction_dialogue,
@@ -205,25 +166,7 @@ def get_reader(name: str) -> Reader:
 
 def describe_readers() -> str:
     """The registry as text, one reader a paragraph (for --list-corpora)."""
-    entries = [(r.name, r.about) for r in SFT_READERS.values()] + list(GENERIC_READERS.items())
-    lines = [f"{name}\n    {about}" for name, about in entries]
-    lines.append("compressed files (.gz .bz2 .xz .zst) are read transparently; use --corpus NAME=PATH_OR_GLOB")
-    return "\n".join(lines)
-
-
-class SFTSource(NamedTuple):
-    """One --corpus argument resolved: the name written to `source`, its reader, and its files."""
-    name: str
-    reader: Reader
-    paths: list[str]
-
-
-def parse_source(spec: str) -> SFTSource:
-    """`NAME=PATH_OR_GLOB` → SFTSource; CorpusError for a bad spec, an unknown name or a path matching nothing."""
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise CorpusError(f"--corpus {spec!r}: expected NAME=PATH_OR_GLOB (NAME one of --list-corpora)")
-    return SFTSource(name, get_reader(name), expand_paths(path))
+    return describe_registry([(r.name, r.about) for r in SFT_READERS.values()] + list(GENERIC_READERS.items()))
 
 
 # ---------------------------------------------------------------- filtering, dedup, writing
@@ -256,53 +199,22 @@ class SourceStats:
     unanswered: int = 0   # well-formed records whose trailing unanswered question was dropped
 
 
-class RowWriter:
-    """Writes conversations as CSV rows, each exact duplicate only once."""
-
-    def __init__(self, stream: TextIO):
-        # QUOTE_ALL: every field quoted, so no reader has to guess whether an empty field is text
-        self.writer = csv.writer(stream, quoting=csv.QUOTE_ALL, lineterminator="\n")
-        self.writer.writerow(COLUMNS)
-        self.seen: set[int] = set()
-
-    def write(self, turns: list[tuple[str, str]], source: str) -> bool:
-        """Write one conversation; False (nothing written) when the same turns were written before."""
-        history = json.dumps([list(turn) for turn in turns[:-1]], ensure_ascii=False)
-        prompt, answer = turns[-1]
-        # 8 bytes of blake2b: collisions stay negligible (~1e-7 at 2M rows) while memory stays small
-        key = json.dumps([history, prompt, answer], ensure_ascii=False).encode("utf-8")
-        digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-        if digest in self.seen:
-            return False
-        self.seen.add(digest)
-        self.writer.writerow((prompt, answer, history, source))
-        return True
+def write_dialogue(writer: DedupWriter, turns: list[tuple[str, str]], source: str) -> bool:
+    """One conversation as a row; False (nothing written) when the same turns were written before."""
+    history = history_json(turns[:-1])
+    prompt, answer = turns[-1]
+    return writer.write((prompt, answer, history, source), key=(history, prompt, answer))
 
 
 def iter_dialogues(path: str, source: str, reader: Reader, skiplog: SkipLog,
                    stats: SourceStats) -> Iterator[Dialogue]:
     """Well-formed dialogues of one file; malformed records go to `skiplog` (which raises in strict mode)."""
-    records = tqdm(iter_records(path, reader.layout), desc=f"{source} {os.path.basename(path)}",
-                   unit=" rec", mininterval=1.0)
-    try:
-        for record in records:
-            stats.read += 1
-            try:
-                if record.error is not None:
-                    raise BadRecord(record.error)
-                dialogue = reader.parse(record.value)
-            except BadRecord as exc:
-                stats.malformed += 1
-                skiplog.skip(source, record.where, str(exc))
-                continue
-            stats.unanswered += dialogue.unanswered
-            yield dialogue
-    except READ_ERRORS as exc:
-        # an unreadable or corrupt (compressed) file: stop, rather than keep a silently partial corpus
-        raise CorpusError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    for dialogue in iter_parsed(path, source, reader, skiplog, stats):
+        stats.unanswered += dialogue.unanswered
+        yield dialogue
 
 
-def convert(sources: list[SFTSource], writer: RowWriter, length_filter: LengthFilter,
+def convert(sources: list[Source], writer: DedupWriter, length_filter: LengthFilter,
             skiplog: SkipLog) -> dict[str, SourceStats]:
     """Stream every source through parsing, the length filter and dedup into `writer`; stats per source."""
     stats: dict[str, SourceStats] = {}
@@ -313,69 +225,20 @@ def convert(sources: list[SFTSource], writer: RowWriter, length_filter: LengthFi
                 verdict = length_filter.verdict(dialogue.turns)
                 if verdict is not None:
                     setattr(counts, verdict, getattr(counts, verdict) + 1)
-                elif writer.write(dialogue.turns, source.name):
+                elif write_dialogue(writer, dialogue.turns, source.name):
                     counts.kept += 1
                 else:
                     counts.duplicate += 1
     return stats
 
 
-def _open_tmp(out: str) -> TextIO:
-    """OUT.tmp opened for writing (folders made); CorpusError when the output cannot be written."""
-    if os.path.isdir(out):
-        raise CorpusError(f"cannot write {out}: it is a folder")
-    parent = os.path.dirname(out) or "."
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise CorpusError(f"cannot write {out}: {parent} is not a folder")
-    try:
-        os.makedirs(parent, exist_ok=True)
-        return open(out + ".tmp", "w", encoding="utf-8", newline="")
-    except OSError as exc:
-        raise CorpusError(f"cannot write {out}: {exc.strerror or exc}") from None
-
-
-def write_sft_csv(sources: list[SFTSource], out: str, length_filter: LengthFilter,
+def write_sft_csv(sources: list[Source], out: str, length_filter: LengthFilter,
                   skiplog: SkipLog) -> dict[str, SourceStats]:
     """Convert `sources` into the CSV `out`, atomically: OUT.tmp, fsync, rename; removed on any failure."""
-    tmp = out + ".tmp"
-    stream = _open_tmp(out)
-    try:
-        with stream:
-            stats = convert(sources, RowWriter(stream), length_filter, skiplog)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise CorpusError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return stats
+    return write_csv_atomic(out, COLUMNS, lambda writer: convert(sources, writer, length_filter, skiplog))
 
 
-# ---------------------------------------------------------------- report and command line
-
-def summary_table(stats: dict[str, SourceStats], skiplog: SkipLog) -> str:
-    """One line per source plus a total; then the malformed records of each source by reason."""
-    names = [f.name for f in fields(SourceStats)]
-    width = max([len("source"), len("total")] + [len(s) for s in stats])
-    total = SourceStats(**{n: sum(getattr(s, n) for s in stats.values()) for n in names})
-    lines = [f"{'source':<{width}} " + " ".join(f"{n:>10}" for n in names)]
-    for source, counts in [*stats.items(), ("total", total)]:
-        lines.append(f"{source:<{width}} " + " ".join(f"{getattr(counts, n):>10,}" for n in names))
-    lines.append("unanswered: records whose trailing unanswered question was dropped (earlier turns kept)")
-    for source in stats:
-        for kind, count in skiplog.counts(source).items():
-            lines.append(f"{source}: malformed, {kind}: {count:,}")
-    return "\n".join(lines)
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {value}")
-    return value
-
+# ---------------------------------------------------------------- command line
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -384,11 +247,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a corpus to read (repeatable); NAME from --list-corpora. "
                              "Default: the bundled sample in sft_data/sample/")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output CSV (default {DEFAULT_OUT})")
-    parser.add_argument("--min_prompt_chars", "--min-prompt-chars", type=_count, default=10,
+    parser.add_argument("--min_prompt_chars", "--min-prompt-chars", type=count_arg, default=10,
                         help="drop a conversation whose opening prompt is shorter (default 10)")
-    parser.add_argument("--min_answer_chars", "--min-answer-chars", type=_count, default=5,
+    parser.add_argument("--min_answer_chars", "--min-answer-chars", type=count_arg, default=5,
                         help="drop a conversation with any answer shorter (default 5)")
-    parser.add_argument("--max_chars", "--max-chars", type=_count, default=256,
+    parser.add_argument("--max_chars", "--max-chars", type=count_arg, default=256,
                         help="drop a conversation with any prompt or answer longer, each checked on its own "
                              "(the seed's bound on prompt and answer; default 256; 0 = no limit)")
     parser.add_argument("--strict", action="store_true",
@@ -407,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     skiplog = SkipLog(strict=args.strict)
     started = time.perf_counter()
     try:
-        sources = [parse_source(spec) for spec in args.corpus or DEFAULT_CORPORA]
+        sources = [parse_source(spec, get_reader) for spec in args.corpus or DEFAULT_CORPORA]
         stats = write_sft_csv(sources, args.out, length_filter, skiplog)
     except CorpusError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -415,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; {args.out} left as it was", file=sys.stderr)
         return 130
-    print(summary_table(stats, skiplog))
+    print(summary_table(stats, skiplog, ("unanswered: records whose trailing unanswered question was dropped "
+                                         "(earlier turns kept)",)))
     kept = sum(s.kept for s in stats.values())
     print(f"wrote {kept:,} rows to {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB) "
           f"in {time.perf_counter() - started:.1f}s")

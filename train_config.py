@@ -11,6 +11,8 @@ import inspect
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator
 
+from dataset_sft import DEFAULT_BUCKET_BATCHES
+from lora import parse_targets
 from model import PRESETS
 
 
@@ -102,6 +104,15 @@ class TrainConfig:
     """Also log to this Weights & Biases project; needs the wandb package."""
     wandb_run_name: str = ""
     """Name of the wandb run; '' = wandb's default."""
+    lora_rank: int = 0
+    """LoRA adapter rank; 0 = train every weight. > 0 freezes the --init_from weights and trains only low-rank
+    adapters on --lora_targets (lora.py); checkpoints then hold the adapters and the base weights' sha256."""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter's update B A is multiplied by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
+    """Linear layers of every block that get adapters (comma-separated: wq,wk,wv,wo attention; w1,w2,w3 SwiGLU)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.compile, bool):
@@ -121,12 +132,24 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset={self.preset}: choose one of {', '.join(PRESETS)}")
         self._check_optimizer_values()
+        self._check_lora_values()
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other: --overwrite deletes the run --resume "
                               "would continue")
         if self.resume and self.init_from:
             raise ConfigError(f"--resume and --init_from={self.init_from} exclude each other: --resume continues "
                               f"the run in --out_dir, --init_from starts a new run from weights")
+
+    def _check_lora_values(self) -> None:
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_rank={self.lora_rank} --lora_alpha={self.lora_alpha} --lora_dropout="
+                              f"{self.lora_dropout}: need rank >= 0, alpha > 0, 0 <= dropout < 1")
+        try:
+            parse_targets(self.lora_targets)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.lora_rank and not (self.init_from or self.resume):
+            raise ConfigError(f"--lora_rank={self.lora_rank} adapts existing weights: pass --init_from (or --resume)")
 
     def _check_optimizer_values(self) -> None:
         if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
@@ -138,6 +161,18 @@ class TrainConfig:
             raise ConfigError(f"--warmup_iters={self.warmup_iters}: must be >= 0, or -1 for the default")
         if self.epochs <= 0 and self.max_iters == 0:
             raise ConfigError(f"--epochs={self.epochs}: must be > 0 when --max_iters is 0")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """TrainConfig plus the data options of the stages that read conversation CSVs (sft.py, dpo.py)."""
+
+    val_data: str = ""
+    """Validation CSV (all its rows); '' = a held-out --val_fraction of --data's rows; 'none' = off."""
+    val_fraction: float = 0.01
+    """Share of --data's rows held out for the validation loss (by a hash of each row); ignored with --val_data."""
+    bucket_batches: int = DEFAULT_BUCKET_BATCHES
+    """Length grouping: samples are sorted by length within buckets of this many global batches (1 = none)."""
 
 
 def _parse_value(name: str, kind: Any, text: str) -> Any:

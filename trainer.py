@@ -1,4 +1,4 @@
-"""The one training loop, shared by pretrain.py and sft.py: distributed setup, the run plan, the loop, logging.
+"""The one training loop, shared by pretrain.py, sft.py and dpo.py: distributed setup, the run plan, the loop, logging.
 The config lives in train_config.py, precision in precision.py, checkpoint files in checkpoint.py.
 
     python pretrain.py --preset=tiny --max_iters=200                       # CPU demo
@@ -12,7 +12,7 @@ The config lives in train_config.py, precision in precision.py, checkpoint files
     cfg, ctx = configure(sys.argv[1:], TrainConfig(out_dir="out/sft", lr=2e-5))   # flags over the defaults
     # (over the checkpoint's saved config with --resume); ctx: rank, world_size, device, with or without torchrun
     model_args = resolve_model_args(cfg, ctx, tokenizer_identity)
-    summary = train(cfg, ctx, model_args, train_ds, val_ds, tokenizer_identity)
+    summary = train(cfg, ctx, model_args, train_ds, val_ds, tokenizer_identity)   # loss_fn=DPOLoss(...) for DPO
 
 A stage script builds its BatchSources (dataset.PretrainDataset, dataset_sft.SFTDataset) after
 setup_distributed() and hands them to train(), which owns everything else: the model, resume / init_from,
@@ -23,10 +23,13 @@ resume, on any world size, and by an extension.
 One optimizer step = grad_accum_steps micro batches per rank. Its loss is the sum of token losses over all
 micro batches of all ranks divided by the number of target tokens among them (all-reduced before the
 forward passes), so SFT's loss is the mean over answer tokens of the step, not a mean of batch means, and
-one process with 2x accumulation computes exactly what two processes compute. On CUDA (bf16/fp32, DDP or one
-GPU) a step reads nothing back to the host: its numbers stay on the device until a log, eval or checkpoint
-step reads them all at once (_train_step_on_device, read_back), so the host prepares the next batches while
-the GPU works.
+one process with 2x accumulation computes exactly what two processes compute. A stage whose loss is not
+per token passes its StageLoss (dpo_loss.DPOLoss: summed over pairs, divided by the step's pairs).
+With --lora_rank the model gets LoRA adapters (lora.py) before any weights load; only they train and only
+they are checkpointed, beside the sha256 of the frozen --init_from weights that a resume reloads. On CUDA
+(bf16/fp32, per-token loss, DDP or one GPU) a step reads nothing back to the host: its numbers stay on the
+device until a log, eval or checkpoint step reads them all at once (_train_step_on_device, read_back), so the
+host prepares the next batches while the GPU works.
 """
 from __future__ import annotations
 
@@ -52,7 +55,9 @@ from checkpoint import (CKPT_BEST, CKPT_LATEST, atomic_save, find_checkpoint, li
                         set_rng_state, step_checkpoints)
 from chatglm_tokenizer import TokenizerError, check_same_tokenizer
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
-from model import CheckpointError, ModelArgs, Transformer, load_model, load_state_dict_file, model_args_from_preset
+from lora import ADAPTER_SUFFIXES, adapter_state, apply_lora, count_parameters, weights_sha256
+from model import (CheckpointError, ModelArgs, Transformer, lora_base_path, load_model, load_state_dict_file,
+                   model_args_from_preset)
 from precision import Precision, choose_precision, peak_flops
 from run_plan import Plan, resolve_plan
 from train_config import ConfigError, TrainConfig, TrainError, format_config, parse_config, given_flags
@@ -173,6 +178,31 @@ class BatchSource(Protocol):
     # (source, x, y[, segment_ids]) of this rank's share of about n_samples validation samples chosen the same for
     # any world size; every rank yields the same sources in the same order and as many batches
     def eval_batches(self, n_samples: int) -> Iterator[tuple]: ...
+
+
+class StageLoss(Protocol):
+    """What a stage minimises (train() defaults to TokenLoss). A step's loss is the sum of __call__ over its micro
+    batches, all ranks, divided by the global sum of count(y): the units the loss is a mean over (target tokens
+    for language modelling, preference pairs for DPO). Named metrics are summed the same way (take_metrics) and
+    logged as means over those units."""
+
+    def count(self, y: torch.Tensor) -> int: ...
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def take_metrics(self) -> dict[str, torch.Tensor]: ...   # sums since the last call, then reset
+
+
+class TokenLoss:
+    """Pretraining and SFT: summed cross-entropy over the target tokens (y != -100); the step averages per token."""
+
+    def count(self, y: torch.Tensor) -> int:
+        return int((y != -100).sum())
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return model(x, y, reduction="sum", segment_ids=segment_ids)[1]   # fused: no logits are made
+
+    def take_metrics(self) -> dict[str, torch.Tensor]:
+        return {}
 
 
 # ------------------------------------------------------------------------------------ model shape
@@ -393,6 +423,9 @@ class Run:
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     metrics: dict = field(default_factory=dict)
+    loss_fn: StageLoss = field(default_factory=TokenLoss)
+    lora: dict | None = None          # LoRA: rank, alpha, dropout, targets and the base weights' identity
+    val_metrics: dict = field(default_factory=dict)
     defer_sync: bool = False          # steps read nothing back until a log step (CUDA; see _train_step_on_device)
 
 
@@ -407,16 +440,17 @@ def _batch_to_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> t
     return tuple(_to_device(t, device) for t in batch)
 
 
-def _summed_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Sum of the token losses of one batch (x, y[, segment_ids]); the model builds no logits for it."""
+def _summed_loss(loss_fn: "StageLoss", model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The stage loss of one batch (x, y[, segment_ids]); packed rows pass their segment ids along."""
     x, y, *segments = batch
-    _, loss = model(x, y, reduction="sum", **({"segment_ids": segments[0]} if segments else {}))
-    return loss
+    return loss_fn(model, x, y, **({"segment_ids": segments[0]} if segments else {}))
 
 
 def _full_model_state(run: Run) -> dict:
     """fp32 weights as a full state dict on rank 0's CPU (a collective under FSDP: every rank calls it)."""
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.lora:   # the base weights are frozen and identified by their sha256: the adapters are the run
+        return adapter_state(state)
     if state and run.model_args.tie_embeddings:   # store the tied matrix once
         state["output.weight"] = state["tok_embeddings.weight"]
     return state
@@ -425,7 +459,8 @@ def _full_model_state(run: Run) -> dict:
 def _checkpoint_meta(run: Run) -> dict:
     return {"model_args": asdict(run.model_args), "config": asdict(run.cfg), "tokenizer": run.tokenizer,
             "step": run.step, "tokens_seen": run.tokens_seen, "best_val_loss": run.best_val_loss,
-            "world_size": run.ctx.world_size, "plan": run.plan.saved(), "progress_tokens": run.progress_tokens}
+            "world_size": run.ctx.world_size, "plan": run.plan.saved(), "progress_tokens": run.progress_tokens,
+            **({"lora": run.lora} if run.lora else {})}
 
 
 def save_checkpoint(run: Run) -> None:
@@ -476,11 +511,13 @@ def evaluate(run: Run) -> dict[str, float] | None:
     for name, *batch in batches[:int(count.item())]:
         batch = _batch_to_device(tuple(batch), device)
         with run.precision.autocast(device):
-            loss = _summed_loss(model, batch)
-        totals[names.index(name)] += torch.stack([loss.double(), (batch[1] != -100).sum().double()])
+            loss = _summed_loss(run.loss_fn, model, batch)
+        count_y = torch.tensor(float(run.loss_fn.count(batch[1])), dtype=torch.float64, device=device)
+        totals[names.index(name)] += torch.stack([loss.double(), count_y])
     model.train()
     _all_reduce(run.ctx, totals)
     overall = totals.sum(dim=0)
+    run.val_metrics = _mean_metrics(run, overall[1].item())   # a collective: before any rank may return
     if overall[1] == 0:
         return None
     losses = {"val_loss": (overall[0] / overall[1]).item()}
@@ -497,6 +534,7 @@ class StepResult:
     skipped: bool          # no update: non-finite loss/gradient, or no target tokens
     no_targets: bool = False   # skipped because the step had no target tokens (not a numerical problem)
     flops: float = 0.0         # training FLOPs of the step's real samples, all ranks (Transformer.training_flops)
+    metrics: dict = field(default_factory=dict)   # the stage's named metrics (StageLoss), means over the step
     # a step run with run.defer_sync: [loss, grad_norm, positions, squared lengths, skipped, no targets] still on
     # the device; read_back() fills the fields above from it
     on_device: torch.Tensor | None = None
@@ -515,7 +553,7 @@ def _accumulate_gradients(run: Run, batches: list, n_targets: int | torch.Tensor
         no_sync = run.model.no_sync() if hasattr(run.model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync:
             with run.precision.autocast(run.ctx.device):
-                loss = _summed_loss(run.model, batch)
+                loss = _summed_loss(run.loss_fn, run.model, batch)
             run.scaler.scale(loss * scale).backward()
         loss_sum += loss.detach().float()
     return loss_sum
@@ -541,9 +579,9 @@ def train_step(run: Run, lr: float) -> StepResult:
     batches = [run.train_ds.next_batch() for _ in range(run.plan.grad_accum_steps)]
     # counted on the CPU; only a distributed run moves them to the device for the all-reduce
     lengths = torch.cat([_sample_lengths(b[0], run.train_ds, *b[2:]) for b in batches])
-    local_counts = [sum(int((b[1] != -100).sum()) for b in batches), lengths.sum().item(),
+    local_counts = [sum(run.loss_fn.count(b[1]) for b in batches), lengths.sum().item(),
                     lengths.square().sum().item()]
-    if run.defer_sync:
+    if run.defer_sync and isinstance(run.loss_fn, TokenLoss):   # a stage loss with metrics reads them each step
         return _train_step_on_device(run, batches, local_counts)
     counts = torch.tensor(local_counts, dtype=torch.float64, device=run.ctx.device if run.ctx.distributed else "cpu")
     n_targets, positions, squared_lengths = (int(c) for c in _all_reduce(run.ctx, counts).tolist())
@@ -554,13 +592,24 @@ def train_step(run: Run, lr: float) -> StepResult:
     run.scaler.unscale_(run.optimizer)
     norm = _clip_gradients(run)
     loss, bad_loss, grad_norm = torch.stack([totals[0] / n_targets, totals[1], norm.float()]).tolist()
+    metrics = _mean_metrics(run, n_targets)
     finite = bad_loss == 0 and math.isfinite(grad_norm)
     if finite:
         run.scaler.step(run.optimizer)
     run.scaler.update()   # with fp16, a non-finite gradient also lowers the loss scale
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, positions, skipped=not finite,
-                      flops=run.raw.training_flops(positions, squared_lengths))
+                      flops=run.raw.training_flops(positions, squared_lengths), metrics=metrics)
+
+
+def _mean_metrics(run: Run, count: float) -> dict[str, float]:
+    """The stage's metric sums since the last call, all ranks together, divided by the global count."""
+    sums = run.loss_fn.take_metrics()
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = _all_reduce(run.ctx, torch.stack([sums[n].detach().double() for n in names]).to(run.ctx.device))
+    return {n: v / count if count else math.nan for n, v in zip(names, totals.tolist())}
 
 
 def _clip_gradients(run: Run) -> torch.Tensor:
@@ -639,33 +688,68 @@ def _refuse_deleting_init_weights(cfg: TrainConfig, old_run: list[str]) -> None:
                          f"would delete: copy it out of {cfg.out_dir} first, or choose another --out_dir")
 
 
-def _load_start(cfg: TrainConfig, ctx: DistContext, model: Transformer, tokenizer: dict) -> tuple[dict | None, dict]:
+def _load_start(cfg: TrainConfig, ctx: DistContext, model: Transformer,
+                tokenizer: dict) -> tuple[dict | None, dict, dict | None]:
     """Rank 0 loads the resume checkpoint or the --init_from weights into `model`; the weights are then
-    broadcast. Returns (checkpoint minus weights and optimizer, or None; rank 0's full optimizer state)."""
+    broadcast. Returns (checkpoint minus weights and optimizer, or None; rank 0's full optimizer state; the
+    LoRA record (settings + base identity) when the run trains adapters)."""
     optimizer_state: dict = {}
 
-    def read() -> dict | None:
+    def read() -> tuple[dict | None, dict | None]:
         if cfg.resume:
             ckpt, path = find_checkpoint(cfg.out_dir)
             check_same_tokenizer(ckpt["tokenizer"], tokenizer, f"the checkpoint {path}", "this run's data")
             if ckpt["model_args"] != asdict(model.args):
                 raise TrainError(f"{path} holds a model of shape {ckpt['model_args']}, not {asdict(model.args)}")
-            model.load_state_dict(ckpt["model"])
+            lora = ckpt.get("lora")
+            _check_same_lora(cfg, lora, path)
+            if lora:   # the frozen base first, then the trained adapters
+                _load_weights(model, load_state_dict_file(lora_base_path(path, lora), n_heads=model.args.n_heads),
+                              f"{path}'s base {lora['base']['path']}", adapters=False)
+                _load_weights(model, ckpt["model"], path, adapters=True)
+            else:
+                model.load_state_dict(ckpt["model"])
             optimizer_state.update(ckpt["optimizer"])
-            return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")} | {"path": path}
+            return {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")} | {"path": path}, lora
         if cfg.init_from:
             weights = load_state_dict_file(cfg.init_from, n_heads=model.args.n_heads)
-            try:
-                model.load_state_dict(weights, strict=True)
-            except RuntimeError as exc:
-                raise TrainError(f"--init_from={cfg.init_from}: weights do not fit the model "
-                                 f"({str(exc).strip().splitlines()[0][:200]})") from None
-        return None
-    meta = _on_rank0(ctx, read)
+            _load_weights(model, weights, f"--init_from={cfg.init_from}", adapters=False)
+            return None, _lora_record(cfg) if cfg.lora_rank else None
+        return None, None
+    meta, lora = _on_rank0(ctx, read)
     if ctx.distributed and (cfg.resume or cfg.init_from):
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
-    return meta, optimizer_state
+    return meta, optimizer_state, lora
+
+
+def _load_weights(model: Transformer, weights: dict, what: str, adapters: bool) -> None:
+    """Load base weights (adapters=False: every weight but LoRA adapters) or a LoRA checkpoint's adapters
+    (adapters=True: exactly the model's adapters); TrainError naming `what` when they do not fit."""
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise TrainError(f"{what}: weights do not fit the model ({str(exc).strip().splitlines()[0][:200]})") from None
+    missing = [k for k in missing if k.endswith(ADAPTER_SUFFIXES) == adapters]
+    if missing or unexpected:
+        raise TrainError(f"{what}: weights do not fit the model (missing {', '.join(missing[:3]) or 'none'}; "
+                         f"unexpected {', '.join(unexpected[:3]) or 'none'})")
+
+
+def _lora_record(cfg: TrainConfig) -> dict:
+    """What a LoRA checkpoint records: the adapter settings and the identity of the frozen base weights."""
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets,
+            "base": {"path": cfg.init_from, "abspath": os.path.abspath(cfg.init_from),
+                     "sha256": weights_sha256(cfg.init_from)}}
+
+
+def _check_same_lora(cfg: TrainConfig, lora: dict | None, path: str) -> None:
+    saved = (lora["rank"], lora["alpha"], lora["targets"]) if lora else (0,)
+    wanted = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets) if cfg.lora_rank else (0,)
+    if saved != wanted:
+        how = f"with LoRA rank {saved[0]}, alpha {saved[1]} on {saved[2]}" if lora else "without LoRA"
+        raise TrainError(f"{path} was trained {how}: resume with the same --lora_rank, --lora_alpha and "
+                         f"--lora_targets, or start a new run with --init_from={path}")
 
 
 def _restore(run: Run, meta: dict, optimizer_state: dict) -> None:
@@ -706,6 +790,7 @@ def describe_run(run: Run) -> str:
     lines = [format_config(cfg),
              f"model: {params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the embedding), "
              f"{run.flops_per_token / 1e9:.3f} GFLOP/token at seq {p.seq_len}",
+             *([_describe_lora(run)] if run.lora else []),
              f"batch: {cfg.micro_batch_size} seqs x {p.seq_len} tokens x {p.grad_accum_steps} accum x "
              f"{ctx.world_size} ranks = {up_to}{p.step_tokens:,} tokens/step",
              f"data: {describe() if describe else f'{len(run.train_ds):,} micro batches per epoch per rank'}",
@@ -724,6 +809,14 @@ def describe_run(run: Run) -> str:
     return "\n".join(lines)
 
 
+def _describe_lora(run: Run) -> str:
+    trainable, total = count_parameters(run.raw)
+    lora = run.lora
+    return (f"LoRA: rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on {lora['targets']}; "
+            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%); frozen base "
+            f"{lora['base']['path']} (sha256 {lora['base']['sha256'][:12]}…)")
+
+
 def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm) -> None:
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
     tokens_per_s = window["tokens"] / elapsed
@@ -731,7 +824,12 @@ def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm)
     row = {"step": run.step, "tokens": run.tokens_seen, "epoch": run.train_ds.epoch,
            "loss": sum(losses) / len(losses) if losses else math.nan, "lr": lr, "grad_norm": result.grad_norm,
            "tokens_per_s": tokens_per_s, "skipped_steps": run.skipped_steps}
+    for name in (window["metrics"][-1] if window["metrics"] else {}):   # the stage's own (DPO: rewards/...)
+        values = [m[name] for m in window["metrics"] if math.isfinite(m.get(name, math.nan))]
+        row[name] = sum(values) / len(values) if values else math.nan
     text = f"loss {row['loss']:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+    if "rewards/accuracies" in row:
+        text += f" acc {row['rewards/accuracies']:.2f} margin {row['rewards/margins']:.3f}"
     if run.peak_flops:
         row["mfu"] = window["flops"] / elapsed / run.ctx.world_size / run.peak_flops
         text += f" mfu {row['mfu']:.1%}"
@@ -740,7 +838,7 @@ def _log_train(run: Run, window: dict, lr: float, result: StepResult, bar: tqdm)
     run.logger.log(row)
     run.metrics["loss"] = row["loss"]
     bar.set_postfix_str(text, refresh=False)
-    window.update(start=time.perf_counter(), tokens=0, flops=0.0, losses=[])
+    window.update(start=time.perf_counter(), tokens=0, flops=0.0, losses=[], metrics=[])
 
 
 def _eval_and_log(run: Run, bar: tqdm) -> None:
@@ -748,15 +846,19 @@ def _eval_and_log(run: Run, bar: tqdm) -> None:
     if losses is None:
         return
     val_loss = run.last_val_loss = losses["val_loss"]
-    run.logger.log({"step": run.step, "tokens": run.tokens_seen, "val_loss": val_loss,
-                    "val_ppl": math.exp(min(val_loss, 50.0))} | {k: v for k, v in losses.items() if k != "val_loss"})
+    # a stage with its own metrics (DPO) logs them; perplexity means something only for a per-token loss
+    extra = {f"val_{k}": v for k, v in run.val_metrics.items()} or {"val_ppl": math.exp(min(val_loss, 50.0))}
+    run.logger.log({"step": run.step, "tokens": run.tokens_seen, "val_loss": val_loss, **extra}
+                   | {k: v for k, v in losses.items() if k != "val_loss"})
     improved = val_loss < run.best_val_loss
     if improved:
         run.best_val_loss = val_loss
         save_best(run, val_loss)
     if run.ctx.is_master:
         per_source = ", ".join(f"{k[len('val/'):]} {v:.4f}" for k, v in losses.items() if k.startswith("val/"))
-        bar.write(f"step {run.step:,}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50.0)):.2f}"
+        shown = f"ppl {extra['val_ppl']:.2f}" if "val_ppl" in extra else \
+            ", ".join(f"{k} {v:.3f}" for k, v in extra.items() if "rewards/" in k)
+        bar.write(f"step {run.step:,}: val loss {val_loss:.4f}, {shown}"
                   f"{f' ({per_source})' if per_source else ''}{' (best, saved best.pt)' if improved else ''}")
 
 
@@ -790,7 +892,7 @@ def _steps(run: Run, bar: tqdm) -> None:
     cfg, plan = run.cfg, run.plan
     if run.step == 0:
         _eval_and_log(run, bar)   # the starting point of the validation curve
-    window = {"start": time.perf_counter(), "tokens": 0, "flops": 0.0, "losses": []}
+    window = {"start": time.perf_counter(), "tokens": 0, "flops": 0.0, "losses": [], "metrics": []}
     pending: list[StepResult] = []   # steps whose numbers are still on the device (run.defer_sync)
     while run.step < plan.end_step:
         lr = plan.lr_at(run.progress_tokens)
@@ -808,6 +910,7 @@ def _steps(run: Run, bar: tqdm) -> None:
             window["tokens"] += result.positions
             window["flops"] += result.flops
             window["losses"].append(result.loss)
+            window["metrics"].append(result.metrics)
             _after_step(run, result)
         pending.clear()
         if log_now:
@@ -872,7 +975,9 @@ def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_d
     _prepare_out_dir(cfg, ctx)
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
     raw = Transformer(model_args).to(ctx.device)
-    meta, optimizer_state = _load_start(cfg, ctx, raw, tokenizer)
+    if cfg.lora_rank:   # before loading: base weights keep their names, a resumed run's adapters load into place
+        apply_lora(raw, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    meta, optimizer_state, lora = _load_start(cfg, ctx, raw, tokenizer)
     plan, notes = (fresh_plan, []) if fresh_plan else \
         _resolve_plan(cfg, ctx, model_args.max_seq_len, train_ds, meta)
     flops_per_token = raw.flops_per_token(plan.seq_len)
@@ -880,7 +985,7 @@ def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_d
     optimizer = make_optimizer(model, cfg, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_scaler)
     run = Run(cfg, ctx, plan, precision, model_args, tokenizer, train_ds, val_ds, raw, model, optimizer, scaler,
-              flops_per_token, peak_flops(ctx.device, precision))
+              flops_per_token, peak_flops(ctx.device, precision), lora=lora)
     # with CUDA and the fused AdamW (no GradScaler, no FSDP) a step never waits for the GPU except on log steps
     run.defer_sync = ctx.device.type == "cuda" and not precision.use_scaler and not cfg.fsdp \
         and bool(optimizer.defaults.get("fused"))
@@ -894,12 +999,14 @@ def build_run(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_d
 
 
 def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: BatchSource,
-          val_ds: BatchSource | None, tokenizer: dict) -> dict:
-    """Train until plan.max_iters steps; returns a summary (step, tokens_seen, losses, checkpoint path)."""
+          val_ds: BatchSource | None, tokenizer: dict, loss_fn: StageLoss | None = None) -> dict:
+    """Train until plan.max_iters steps; returns a summary (step, tokens_seen, losses, checkpoint path).
+    loss_fn: what the stage minimises (default TokenLoss: per-token cross-entropy)."""
     _check_logging_deps(cfg)
     if ctx.device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # fp32 matmuls (outside autocast) on TF32 tensor cores
     run, meta = build_run(cfg, ctx, model_args, train_ds, val_ds, tokenizer)
+    run.loss_fn = loss_fn or run.loss_fn
     if run.progress_tokens >= run.plan.total_tokens:
         raise TrainError(f"the run in {cfg.out_dir} already finished at step {run.step:,} (max_iters "
                          f"{run.plan.max_iters:,}): pass a larger --max_iters (or --epochs) to train on; the LR then "
@@ -919,7 +1026,8 @@ def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: B
                "checkpoint": os.path.join(cfg.out_dir, CKPT_LATEST)}
     if ctx.is_master:
         val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-        print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} tokens, train loss (per target token) "
+        print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} tokens, train loss "
+              f"({getattr(run.loss_fn, 'unit', 'per target token')}) "
               f"{summary['train_loss']:.4f}{val}; checkpoint {summary['checkpoint']}")
     return summary
 

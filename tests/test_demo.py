@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -28,7 +29,7 @@ def metrics(path) -> tuple[list[float], list[float]]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("demo")
-    result = run_demo(root, PRETRAIN_ITERS="40", SFT_ITERS="20")
+    result = run_demo(root, PRETRAIN_ITERS="40", SFT_ITERS="20", DPO_ITERS="10")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, result.stdout
 
@@ -52,6 +53,16 @@ def test_demo_losses_are_finite_and_fall(demo):
         assert os.path.isfile(root / "out" / stage / "ckpt.pt") and os.path.isfile(root / "out" / stage / "loss.png")
 
 
+def test_demo_dpo_stage_trains_lora_adapters_from_ln2(demo):
+    root, out = demo
+    rows = [json.loads(line) for line in open(root / "out" / "dpo" / "metrics.jsonl", encoding="utf-8")]
+    assert rows[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-5)   # policy = reference at step 0
+    assert all(math.isfinite(r["rewards/accuracies"]) for r in rows if "loss" in r)
+    assert "LoRA: rank 8" in out and "wrote 16 pairs" in out
+    ckpt = torch.load(root / "out" / "dpo" / "ckpt.pt", weights_only=True)
+    assert ckpt["lora"]["base"]["path"].endswith("sft/ckpt.pt") and all("lora_" in k for k in ckpt["model"])
+
+
 def test_demo_sft_model_answers_and_export_matches(demo):
     _, out = demo
     answers = [line.split("助手：", 1)[1].strip() for line in out.splitlines() if line.startswith("助手：")]
@@ -64,6 +75,6 @@ def test_demo_sft_model_answers_and_export_matches(demo):
 def test_demo_stops_at_the_first_failing_stage(tmp_path, tokenizer_dir):
     result = run_demo(tmp_path, PRETRAIN_ITERS="many")
     assert result.returncode == 1
-    assert 'stage "2/8 pretrain (tiny preset, CPU)" failed' in result.stderr
+    assert 'stage "2/10 pretrain (tiny preset, CPU)" failed' in result.stderr
     assert "--max_iters" in result.stderr              # the stage's own one-line error is shown
-    assert "3/8" not in result.stdout
+    assert "3/10" not in result.stdout
