@@ -199,7 +199,8 @@ class TokenLoss:
 
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                  segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return model(x, y, reduction="sum", segment_ids=segment_ids)[1]   # fused: no logits are made
+        packed = {"segment_ids": segment_ids} if segment_ids is not None else {}
+        return model(x, y, reduction="sum", **packed)[1]   # the fused loss: no logits are made
 
     def take_metrics(self) -> dict[str, torch.Tensor]:
         return {}

@@ -155,7 +155,7 @@ def test_trainer_counts_each_packed_sample_and_the_summed_loss(tmp_path):
     expected = sorted(len(ds.samples.xy(i)[0]) for i in packed_samples(ds, x, segments))
     assert sorted(lengths.long().tolist()) == expected and lengths.sum() == (segments >= 0).sum()
     model = spread_model(2)
-    loss = trainer._summed_loss(model, (x, y, segments))
+    loss = trainer._summed_loss(trainer.TokenLoss(), model, (x, y, segments))
     reference = sum(F.cross_entropy(model(torch.from_numpy(xi)[None])[0][0], torch.from_numpy(yi),
                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
                     for xi, yi in (ds.samples.xy(i) for i in packed_samples(ds, x, segments)))
