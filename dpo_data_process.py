@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
-from corpus_io import BadRecord, CorpusError, SkipLog, json_type, str_field
-from sft_corpus import (SAMPLE_DIR, SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, describe_registry,
-                        history_json, iter_parsed, list_field, parse_source, summary_table, text_field,
+from corpus_io import BadRecord, SkipLog, json_type, str_field
+from sft_corpus import (SAMPLE_DIR, SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, convert_corpora,
+                        describe_registry, find_reader, history_json, iter_parsed, list_field, text_field,
                         write_csv_atomic)
 
 COLUMNS = ("prompt", "chosen", "rejected", "history", "source")
@@ -229,17 +228,10 @@ GENERIC_READERS = {
 
 def get_reader(name: str) -> Reader:
     """The reader for a corpus name (`hh_rlhf`, `jsonl:q,good,bad`, ...); CorpusError when unknown."""
-    if name in DPO_READERS:
-        return DPO_READERS[name]
-    kind, _, arg = name.partition(":")
-    names = arg.split(",")
-    if kind in ("jsonl", "json") and len(names) == 3 and all(names):
-        parse = partial(fields_preference, prompt_field=names[0], chosen_field=names[1], rejected_field=names[2])
-        about = GENERIC_READERS[f"{kind}:PROMPT,CHOSEN,REJECTED"]
-        return Reader(name, "jsonl" if kind == "jsonl" else "json_array", parse, about)
-    known = ", ".join(list(DPO_READERS) + list(GENERIC_READERS))
-    raise CorpusError(f"unknown preference corpus '{name}'; known: {known} "
-                      f"(see python dpo_data_process.py --list-corpora)")
+    return find_reader(name, DPO_READERS, GENERIC_READERS,
+                       lambda prompt, chosen, rejected: partial(fields_preference, prompt_field=prompt,
+                                                                chosen_field=chosen, rejected_field=rejected),
+                       "preference", "dpo_data_process.py")
 
 
 def describe_readers() -> str:
@@ -305,25 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_readers())
         return 0
     skiplog = SkipLog(strict=args.strict)
-    started = time.perf_counter()
-    try:
-        sources = [parse_source(spec, get_reader) for spec in args.corpus or DEFAULT_CORPORA]
-        stats = write_dpo_csv(sources, args.out, skiplog)
-    except CorpusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; {args.out} left as it was", file=sys.stderr)
-        return 130
-    print(summary_table(stats, skiplog, ("identical: pairs whose chosen and rejected answers are the same "
-                                         "(dropped)",)))
-    kept = sum(s.kept for s in stats.values())
-    print(f"wrote {kept:,} pairs to {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB) "
-          f"in {time.perf_counter() - started:.1f}s")
-    if kept == 0:
-        print("warning: no pair was kept; the CSV holds only its header", file=sys.stderr)
-        return 1
-    return 0
+    return convert_corpora(args.corpus or DEFAULT_CORPORA, args.out, get_reader,
+                           lambda sources: write_dpo_csv(sources, args.out, skiplog), skiplog,
+                           "identical: pairs whose chosen and rejected answers are the same (dropped)", "pairs")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, TextIO, TypeVar
 
@@ -87,6 +89,22 @@ def parse_source(spec: str, get_reader: Callable[[str], Reader]) -> Source:
     if not sep or not name or not path:
         raise CorpusError(f"--corpus {spec!r}: expected NAME=PATH_OR_GLOB (NAME one of --list-corpora)")
     return Source(name, get_reader(name), expand_paths(path))
+
+
+def find_reader(name: str, registry: dict[str, Reader], generic: dict[str, str],
+                make_parse: Callable[..., Callable[[Any], Any]], what: str, stage: str) -> Reader:
+    """The reader for corpus `name`: one of `registry`, or a generic `jsonl:F1,F2,...` / `json:F1,F2,...` one
+    reading the fields named, as many as the `generic` entries name (`make_parse(*fields)` parses a record).
+    CorpusError naming the known readers otherwise."""
+    if name in registry:
+        return registry[name]
+    kind, _, arg = name.partition(":")
+    fields = arg.split(",")
+    for pattern, about in generic.items():
+        if pattern.partition(":")[0] == kind and len(fields) == pattern.count(",") + 1 and all(fields):
+            return Reader(name, "jsonl" if kind == "jsonl" else "json_array", make_parse(*fields), about)
+    known = ", ".join(list(registry) + list(generic))
+    raise CorpusError(f"unknown {what} corpus '{name}'; known: {known} (see python {stage} --list-corpora)")
 
 
 def describe_registry(entries: list[tuple[str, str]]) -> str:
@@ -197,6 +215,30 @@ def summary_table(stats: dict[str, Any], skiplog: SkipLog, notes: tuple[str, ...
         for reason, count in skiplog.counts(source).items():
             lines.append(f"{source}: malformed, {reason}: {count:,}")
     return "\n".join(lines)
+
+
+def convert_corpora(specs: list[str], out: str, get_reader: Callable[[str], Reader],
+                    write: Callable[[list[Source]], dict[str, Any]], skiplog: SkipLog, note: str, unit: str) -> int:
+    """A conversion stage's run: resolve the --corpus specs, write the CSV `out` (`write`), print the summary
+    table (with `note` explaining the stage's own column) and what was written. The exit code: 0, or 1 when
+    an error stopped it or nothing was kept (the CSV then holds only its header), 130 when interrupted."""
+    started = time.perf_counter()
+    try:
+        stats = write([parse_source(spec, get_reader) for spec in specs])
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; {out} left as it was", file=sys.stderr)
+        return 130
+    print(summary_table(stats, skiplog, (note,)))
+    kept = sum(s.kept for s in stats.values())
+    print(f"wrote {kept:,} {unit} to {out} ({os.path.getsize(out) / 1e6:.2f} MB) "
+          f"in {time.perf_counter() - started:.1f}s")
+    if kept == 0:
+        print(f"error: no {unit} kept; {out} holds only its header", file=sys.stderr)
+        return 1
+    return 0
 
 
 def count_arg(text: str) -> int:

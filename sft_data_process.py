@@ -35,15 +35,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, NamedTuple
 
-from corpus_io import BadRecord, CorpusError, SkipLog, json_type, str_field
-from sft_corpus import (SAMPLE_DIR, SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, count_arg,
-                        describe_registry, history_json, iter_parsed, list_field, parse_source, summary_table,
-                        text_field, write_csv_atomic)
+from corpus_io import BadRecord, SkipLog, json_type, str_field
+from sft_corpus import (SAMPLE_DIR, SHAREGPT_ROLES, DedupWriter, Reader, Source, clean_text, convert_corpora, count_arg,
+                        describe_registry, find_reader, history_json, iter_parsed, list_field, text_field,
+                        write_csv_atomic)
 
 COLUMNS = ("prompt", "answer", "history", "source")
 DEFAULT_OUT = os.path.join("sft_data", "sft_data.csv")
@@ -151,17 +150,9 @@ GENERIC_READERS = {
 
 def get_reader(name: str) -> Reader:
     """The reader for a corpus name (`belle`, `jsonl:question,answer`, ...); CorpusError when unknown."""
-    if name in SFT_READERS:
-        return SFT_READERS[name]
-    kind, _, arg = name.partition(":")
-    prompt_field, comma, answer_field = arg.partition(",")
-    if kind in ("jsonl", "json") and prompt_field and comma and answer_field:
-        parse = partial(fields_dialogue, prompt_field=prompt_field, answer_field=answer_field)
-        about = GENERIC_READERS[f"{kind}:PROMPT_FIELD,ANSWER_FIELD"]
-        return Reader(name, "jsonl" if kind == "jsonl" else "json_array", parse, about)
-    known = ", ".join(list(SFT_READERS) + list(GENERIC_READERS))
-    raise CorpusError(f"unknown SFT corpus '{name}'; known: {known} "
-                      f"(see python sft_data_process.py --list-corpora)")
+    return find_reader(name, SFT_READERS, GENERIC_READERS,
+                       lambda prompt, answer: partial(fields_dialogue, prompt_field=prompt, answer_field=answer),
+                       "SFT", "sft_data_process.py")
 
 
 def describe_readers() -> str:
@@ -268,24 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     length_filter = LengthFilter(args.min_prompt_chars, args.min_answer_chars, args.max_chars)
     skiplog = SkipLog(strict=args.strict)
-    started = time.perf_counter()
-    try:
-        sources = [parse_source(spec, get_reader) for spec in args.corpus or DEFAULT_CORPORA]
-        stats = write_sft_csv(sources, args.out, length_filter, skiplog)
-    except CorpusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"interrupted; {args.out} left as it was", file=sys.stderr)
-        return 130
-    print(summary_table(stats, skiplog, ("unanswered: records whose trailing unanswered question was dropped "
-                                         "(earlier turns kept)",)))
-    kept = sum(s.kept for s in stats.values())
-    print(f"wrote {kept:,} rows to {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB) "
-          f"in {time.perf_counter() - started:.1f}s")
-    if kept == 0:
-        print("warning: no row passed the filters; the CSV holds only its header", file=sys.stderr)
-    return 0
+    return convert_corpora(args.corpus or DEFAULT_CORPORA, args.out, get_reader,
+                           lambda sources: write_sft_csv(sources, args.out, length_filter, skiplog), skiplog,
+                           "unanswered: records whose trailing unanswered question was dropped (earlier turns kept)",
+                           "rows")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def test_strict_unknown_and_nothing_kept(tmp_path, capsys):
     assert code == 1 and rows is None and "bad.jsonl:2: field 'q' is not a string (got number)" in err
     assert not (tmp_path / "dpo.csv.tmp").exists()
     code, rows, _, err = run(tmp_path, capsys, f"--corpus=jsonl:q,good,bad={bad}")
-    assert code == 1 and len(rows) == 0 and "no pair was kept" in err
+    assert code == 1 and len(rows) == 0 and "no pairs kept" in err
     code, _, _, err = run(tmp_path, capsys, f"--corpus=nosuch={bad}")
     assert code == 1 and "unknown preference corpus 'nosuch'" in err
     assert main(["--list-corpora"]) == 0 and "hh_rlhf" in capsys.readouterr().out

@@ -370,3 +370,15 @@ def test_bare_default_run_writes_the_sample_csv(tmp_path):
 def test_bundled_sample_is_small():
     folder = os.path.join(REPO, "sft_data", "sample")
     assert sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)) < 100_000
+
+
+def test_nothing_kept_exits_non_zero_and_says_so(tmp_path, capsys):
+    """Every record too short: the CSV holds only its header and the run exits 1 (a run that kept nothing must
+    not look like a success to the next stage)."""
+    path = tmp_path / "short.jsonl"
+    path.write_text('{"query": "问", "response": "答"}\n{"query": "也短", "response": "嗯"}\n', encoding="utf-8")
+    out = tmp_path / "out.csv"
+    code = main([f"--corpus=chatmed={path}", f"--out={out}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: no rows kept" in err and "holds only its header" in err
+    assert out.read_text(encoding="utf-8").splitlines() == ['"prompt","answer","history","source"']
