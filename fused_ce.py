@@ -49,12 +49,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                compute_dtype: torch.dtype, with_grad: bool) -> torch.Tensor:
+                compute_dtype: torch.dtype, grad_h: bool, grad_w: bool) -> torch.Tensor:
+        """grad_h / grad_w: whether hidden / weight need a gradient (a frozen output layer under LoRA needs none:
+        its [vocab, dim] matmul per chunk is skipped)."""
         chunk_rows = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2 ** 26) // weight.shape[0])
         w = weight.to(compute_dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if with_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        with_grad = grad_h or grad_w
+        grad_hidden = torch.zeros_like(hidden) if grad_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows].to(compute_dtype)          # [c, dim]
             t = targets[start:start + chunk_rows]                           # [c]
@@ -72,24 +75,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # and the mask scale the small [c, dim] operands instead of the [c, vocab] one, and the onehot
                 # part is a row gather / scatter of the weight: one pass less over the chunk for each.
                 scale = (valid / total)[:, None]                            # [c, 1]
+            if grad_h:
                 target_w = w.index_select(0, safe_t) * valid[:, None]       # [c, dim] (not w[t]: 100x slower)
                 grad_hidden[start:start + chunk_rows] = ((exp.to(compute_dtype) @ w) * scale - target_w
                                                          ).to(hidden.dtype)
+            if grad_w:
                 scaled_h = (h * scale.to(compute_dtype))                    # [c, dim]
                 if compute_dtype == torch.float32:
                     grad_weight.addmm_(exp.T, scaled_h)                     # [vocab, dim]
                 else:
                     grad_weight += (exp.T.to(compute_dtype) @ scaled_h).float()
                 grad_weight.index_add_(0, safe_t, (h * valid[:, None]).float(), alpha=-1.0)
-        if with_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
-            None, None, None
+        return (*(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads), None, None, None, None)
 
 
 def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -120,10 +122,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         if hidden.device.type == "cpu":   # drop ignored positions before the matmul (see the module docstring)
             keep = targets != IGNORE_INDEX
             hidden, targets = hidden[keep], targets[keep]
-        with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        grad_h, grad_w = (torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight))
         compute_dtype = _compute_dtype(hidden.device, weight.dtype)
         with torch.autocast(hidden.device.type, enabled=False):   # the chunks cast explicitly
-            loss = _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, with_grad)
+            loss = _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype, grad_h, grad_w)
     if reduction == "mean":
         loss = loss / (targets != IGNORE_INDEX).sum()
     return loss
