@@ -662,12 +662,16 @@ class CleanPlan:
                               f"first, to its end)") from None
         except (OSError, ValueError) as exc:
             raise CorpusError(f"--clean {folder}: cannot read {path} ({exc})") from None
-        if decisions.get("version") != VERSION:
+        if not isinstance(decisions, dict) or decisions.get("version") != VERSION:
             raise CorpusError(f"{path}: written by another version of data_clean.py; run it again")
-        _check_same_inputs(path, decisions["sources"], sources)
-        removed = [np.load(os.path.join(folder, s["removed_file"]), allow_pickle=False)
-                   for s in decisions["sources"]]
-        return cls(folder, decisions, removed)
+        try:
+            _check_same_inputs(path, decisions["sources"], sources)
+            removed = [np.load(os.path.join(folder, s["removed_file"]), allow_pickle=False)
+                       for s in decisions["sources"]]
+            return cls(folder, decisions, removed)
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise CorpusError(f"--clean {folder}: the decisions are incomplete or damaged ({type(exc).__name__}: "
+                              f"{exc}); run data_clean.py --out {folder} again") from None
 
     def removed_records(self, source: int, file: int) -> np.ndarray:
         return self._removed.get((source, file), np.empty(0, np.uint64))

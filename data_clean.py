@@ -89,6 +89,11 @@ def build_config(args: argparse.Namespace) -> cleaning.CleanConfig:
             raise CorpusError(f"--quality: unknown rule {unknown[0]!r}; known: {', '.join(quality.RULE_NAMES)}")
     if min(args.shingle, args.workers, args.batch_docs) < 1:
         raise CorpusError("--shingle, --workers and --batch_docs must be at least 1")
+    for name, kind in RULE_FLAGS.items():
+        value = getattr(args, name)
+        if value < 0 or (kind is float and value > 1):
+            allowed = "at least 0" if kind is int else "a fraction in [0, 1]"
+            raise CorpusError(f"--{name}={value}: must be {allowed}")
     qcfg = quality.QualityConfig(**{name: getattr(args, name) for name in RULE_FLAGS}) if rules else None
     bands, rows = lsh_params(threshold) if threshold else (1, 1)
     return cleaning.CleanConfig(qcfg, rules, threshold, args.shingle, bands, rows)

@@ -116,6 +116,8 @@ def medicalgpt_preference(record: Any) -> Preference:
 
 def dpo_en_zh_preference(record: Any) -> Preference:
     """DPO-En-Zh-20k: `system`, `history` ([[prompt, answer], …]), `question`, `response_chosen/rejected`."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"expected a JSON object (got {json_type(record)})")
     system = text_field(record, "system") if record.get("system") is not None else ""
     turns = []
     for i, turn in enumerate(list_field(record, "history") if record.get("history") is not None else []):

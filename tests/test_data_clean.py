@@ -194,3 +194,17 @@ def test_nothing_readable_exits_nonzero(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{bad}:1: malformed JSON" in err and f"{bad}:2: missing field 'text'" in err
     assert "no readable document" in err
+
+
+def test_damaged_decisions_and_out_of_range_thresholds_are_one_line(tmp_path, capsys):
+    from corpus_io import CorpusError
+    (tmp_path / "decisions.json").write_text(json.dumps({"version": cleaning.VERSION}), encoding="utf-8")
+    with pytest.raises(CorpusError, match="incomplete or damaged .*KeyError.*run data_clean.py"):
+        cleaning.CleanPlan.load(str(tmp_path), [])
+    doc = tmp_path / "d.jsonl"
+    doc.write_text('{"text": "一篇文章"}\n', encoding="utf-8")
+    for flag, message in (("--min_chinese=2", "--min_chinese=2.0: must be a fraction in [0, 1]"),
+                          ("--min_chars=-5", "--min_chars=-5: must be at least 0")):
+        assert data_clean.main([f"--corpus=jsonl:text={doc}", f"--out={tmp_path / 'out'}", flag]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

@@ -109,7 +109,12 @@ def test_ultrafeedback_and_medicalgpt_bad_layouts(tmp_path, capsys):
         {"conversations": [{"from": "gpt", "value": "答"}], "chosen": "好", "rejected": "坏"},
         {"conversations": [{"from": "human", "value": "问"}], "chosen": "", "rejected": "坏"},
     ])
-    code, rows, out, err = run(tmp_path, capsys, f"--corpus=ultrafeedback={uf}", f"--corpus=medicalgpt_reward={med}")
+    en_zh = write_jsonl(tmp_path / "en_zh.jsonl", [[1, 2], "text",
+                                                  {"question": "另一个问题", "response_chosen": "好", "response_rejected": "坏"}])
+    code, rows, out, err = run(tmp_path, capsys, f"--corpus=ultrafeedback={uf}", f"--corpus=medicalgpt_reward={med}",
+                               f"--corpus=dpo_en_zh={en_zh}")
+    assert counts(out, "dpo_en_zh") == [3, 1, 0, 0, 2] and "Traceback" not in err
+    assert "en_zh.jsonl:1: expected a JSON object (got array)" in err
     assert code == 0 and counts(out, "ultrafeedback") == [3, 1, 0, 0, 2]
     assert counts(out, "medicalgpt_reward") == [3, 0, 0, 0, 3]
     assert "uf.jsonl:1: chosen and rejected do not share the messages" in err
