@@ -24,24 +24,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 import minhash
 import quality as qrules
-from corpus_io import (READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog, extract_text,
-                       iter_raw, parse_payload, source_labels, where_of, write_atomic_text)
+from corpus_io import (READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog, extract_text, iter_raw,
+                       ordered_map, parse_payload, source_labels, where_of, write_atomic_text)
 
 VERSION = 1
 NEAR_DUPLICATE = "near_duplicate"
@@ -75,11 +73,6 @@ class CleanConfig:
         d = asdict(self)
         d["rules"] = list(self.rules)
         return d
-
-    def edit(self) -> Callable[[str], str] | None:
-        """The text edit data_process.py must apply to the kept documents, or None."""
-        return partial(qrules.edit_text, cfg=self.quality) if self.quality else None
-
 
 def make_key(source: int, file: int, record: int) -> int:
     return (source << (FILE_BITS + RECORD_BITS)) | (file << RECORD_BITS) | record
@@ -171,20 +164,10 @@ class Result(NamedTuple):
 _CFG: CleanConfig | None = None
 
 
-def init_worker(cfg: CleanConfig, parent_pid: int | None = None) -> None:
-    """Remember the settings in this process; a pool worker also exits when its parent dies (kill -9)."""
+def init_worker(cfg: CleanConfig) -> None:
+    """Remember the settings in this process (a pool worker, or this one with --workers=1)."""
     global _CFG
     _CFG = cfg
-    if parent_pid is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    # pool workers of a killed parent would wait on their task queue forever
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def judge_texts(texts: list[str], cfg: CleanConfig) -> tuple[list[str], np.ndarray]:
@@ -283,28 +266,6 @@ def _file_batches(s: int, f: int, global_file: int, path: str, corpus: Any, star
         number = items[-1][0] if items else (last.line if layout in ("jsonl", "txt") else last.records)
         items.append((number + 1, None, reason))
     yield Batch(s, f, path, corpus.name, layout, items, last, read, True)
-
-
-def ordered_map(fn: Callable, items: Iterable, workers: int, initializer: Callable, initargs: tuple) -> Iterator:
-    """fn over `items` in `workers` processes, results in input order, at most ~2 tasks per worker in
-    flight (so the input is streamed, never read ahead). One worker runs in this process."""
-    if workers <= 1:
-        initializer(*initargs)
-        yield from map(fn, items)
-        return
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    pool = context.Pool(workers, initializer=initializer, initargs=initargs + (os.getpid(),))
-    try:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= 2 * workers + 2:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 # ---------------------------------------------------------------- the signature pass of one shard
@@ -494,11 +455,9 @@ class TokenStore:
 _STORE: TokenStore | None = None
 
 
-def _init_verifier(folders: list[str], parent_pid: int | None = None) -> None:
+def _init_verifier(folders: list[str]) -> None:
     global _STORE
     _STORE = TokenStore(folders)
-    if parent_pid is not None:
-        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 
 def _verify(pairs: np.ndarray) -> np.ndarray:
@@ -575,7 +534,7 @@ def merge(sources: list[CorpusSource], cfg: CleanConfig, key: str, described: li
     docs = docs[np.argsort(docs["key"], kind="stable")]
     dups = near_duplicates(folders, cfg, workers) if cfg.threshold is not None else None
     removed = _removed_rows(docs, dups, len(sources))
-    summary = _summary(labels, counts, skipped, removed, dups, cfg, described)
+    summary = _summary(labels, counts, skipped, removed, dups, cfg)
     from clean_report import write_report
     write_report(out, sources, summary, removed)
     for i, rows in enumerate(removed):
@@ -618,7 +577,7 @@ def _removed_rows(docs: np.ndarray, dups: dict | None, n_sources: int) -> list[n
 
 
 def _summary(labels: list[str], counts: list[Counter], skipped: list[Counter], removed: list[np.ndarray],
-             dups: dict | None, cfg: CleanConfig, described: list[dict]) -> dict:
+             dups: dict | None, cfg: CleanConfig) -> dict:
     sources = []
     for i, label in enumerate(labels):
         by_reason = {name: int(counts[i].get(name, 0)) for name in REASONS[1:-1]}

@@ -30,11 +30,16 @@ import io
 import itertools
 import json
 import lzma
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
@@ -641,6 +646,44 @@ def sample_corpus_specs() -> list[str]:
 def text_keys(text: str) -> bytes:
     """16-byte hash of the whitespace-normalised text: bytes 0-7 the dedup key, 8-15 the val-split key."""
     return hashlib.blake2b(" ".join(text.split()).encode("utf-8"), digest_size=16).digest()
+
+
+# ---------------------------------------------------------------- work in parallel, results in order
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, initializer: Callable, initargs: tuple) -> Iterator:
+    """fn over `items` in `workers` processes (each set up by initializer(*initargs)), results in input order,
+    at most ~2 tasks per worker in flight (Pool.imap would read the whole input ahead into its queue). One worker
+    runs in this process."""
+    if workers <= 1:
+        initializer(*initargs)
+        yield from map(fn, items)
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    pool = context.Pool(workers, initializer=_start_worker, initargs=(initializer, initargs, os.getpid()))
+    try:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _start_worker(initializer: Callable, initargs: tuple, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    initializer(*initargs)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    # A killed parent (kill -9) leaves pool workers blocked on their task queue forever; poll and follow it.
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 # ---------------------------------------------------------------- counting skipped records

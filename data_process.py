@@ -37,22 +37,19 @@ import contextlib
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from corpus_io import (COMPRESSED_SUFFIXES, READ_ERRORS, BadRecord, CorpusError, CorpusSource, Position, SkipLog,
-                       describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, parse_corpus_spec,
-                       parse_payload, sample_corpus_specs, source_labels, text_keys, where_of,
+                       describe_corpora, ensure_output_folder, extract_text, get_corpus, iter_raw, ordered_map,
+                       parse_corpus_spec, parse_payload, sample_corpus_specs, source_labels, text_keys, where_of,
                        write_atomic_text)
 from cleaning import CleanPlan
 from tokenfile import default_val_path, manifest_path, with_token_offsets
@@ -121,23 +118,13 @@ _EOS = 2
 _EDIT: Any = None  # --clean: the text edit data_clean.py judged the documents after
 
 
-def init_worker(model_file: str, eos_id: int, edit: Any = None, parent_pid: int | None = None) -> None:
-    """Load sentencepiece in this process; a pool worker also exits when its parent dies (kill -9)."""
+def init_worker(model_file: str, eos_id: int, edit: Any = None) -> None:
+    """Load sentencepiece in this process (a pool worker, or this one with --workers=1)."""
     global _SP, _EOS, _EDIT
     import sentencepiece as spm
     _SP = spm.SentencePieceProcessor(model_file=model_file)
     _EOS = eos_id
     _EDIT = edit
-    if parent_pid is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    # A killed parent leaves pool workers blocked on their task queue forever; poll and follow it.
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def encode_batch(batch: Batch) -> Encoded:
@@ -202,30 +189,6 @@ def _file_batches(s: int, f: int, path: str, corpus: str, layout: str, start: Po
         number = items[-1][0] if items else (last.line if layout in ("jsonl", "txt") else last.records)
         items.append((number + 1, None, reason))
     yield Batch(s, f, path, corpus, layout, items, last, last.offset - first.offset, True)
-
-
-def ordered_map(batches: Iterable[Batch], workers: int, model_file: str, eos_id: int,
-                edit: Any = None) -> Iterator[Encoded]:
-    """encode_batch over `batches`, results in input order. At most ~2 batches per worker are in flight
-    (Pool.imap would read the whole corpus ahead into its queue). One worker runs in this process."""
-    if workers <= 1:
-        init_worker(model_file, eos_id, edit)
-        yield from map(encode_batch, batches)
-        return
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    pool = context.Pool(workers, initializer=init_worker, initargs=(model_file, eos_id, edit, os.getpid()))
-    try:
-        pending: deque = deque()
-        source = iter(batches)
-        for batch in source:
-            pending.append(pool.apply_async(encode_batch, (batch,)))
-            if len(pending) >= 2 * workers + 2:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 # ---------------------------------------------------------------- exact dedup in ~8-14 bytes per document
@@ -637,7 +600,7 @@ def _tokenize_all(run: Run, model_file: str, eos_id: int) -> None:
     progress = Progress(opts, run.labels)
     # closing(): on an error (say --strict) the worker pool stops now, not whenever the generator is collected
     edit = opts.clean.edit() if opts.clean is not None else None
-    with contextlib.closing(ordered_map(batches, opts.workers, model_file, eos_id, edit)) as results:
+    with contextlib.closing(ordered_map(encode_batch, batches, opts.workers, init_worker, (model_file, eos_id, edit))) as results:
         try:
             for enc in results:
                 run.apply(enc)

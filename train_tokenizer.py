@@ -53,7 +53,7 @@ from tqdm import tqdm
 from chatglm_tokenizer import DEFAULT_TOKENIZER, TokenizerError, resolve_tokenizer_dir, tokenizer_identity
 from chatglm_tokenizer.tokenization_chatglm import GLM_SPECIALS
 from corpus_io import (CorpusError, CorpusSource, SkipLog, ensure_output_folder, iter_source_texts, parse_corpus_spec,
-                       sample_corpus_specs, text_keys, write_atomic_text)
+                       sample_corpus_specs, source_labels, text_keys, write_atomic_text)
 
 MAX_VOCAB = 65535            # ids 0..65534: every one fits a uint16 token file
 MIN_VOCAB = 300              # 3 specials + 256 byte pieces + 5 GLM specials, and a few characters
@@ -140,12 +140,6 @@ class Sample:
             if taken >= quota:
                 break
         return taken
-
-
-def source_labels(sources: list[CorpusSource]) -> list[str]:
-    """Each source's name in counts: its corpus name, numbered when a name repeats."""
-    names = [s.corpus.name for s in sources]
-    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
 
 # ---------------------------------------------------------------- training
