@@ -130,7 +130,7 @@ class ModelServer:
         self.seeds = random.Random(config.seed)
         self.created = int(time.time())
         self.context = model.args.max_seq_len
-        self.max_tokens_limit = config.max_tokens_limit or self.context
+        self.max_tokens_limit = self.context if config.max_tokens_limit is None else config.max_tokens_limit
         if not 1 <= config.max_tokens <= self.max_tokens_limit:
             raise ValueError(f"--max_new_tokens={config.max_tokens} must be between 1 and the max_tokens limit "
                              f"{self.max_tokens_limit} (--max_tokens_limit, default the model's context)")

@@ -39,7 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_tokens_limit", type=int, default=None,
                         help="the most max_tokens a request may ask for (default: the model's context)")
     parser.add_argument("--max_active", type=int, default=8, help="requests generating at once (the rest wait)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port={args.port}: must be 0-65535")
+    for name in ("rag_top_k", "max_active", "max_tokens_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name}={value}: must be >= 1")
+    return args
 
 
 def model_name(ckpt: str) -> str:
@@ -49,8 +56,6 @@ def model_name(ckpt: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.rag_top_k < 1:
-        raise ValueError(f"--rag_top_k must be >= 1, got {args.rag_top_k}")
     device = pick_device(args.device)
     model, tokenizer, meta = load_for_inference(args.ckpt, args.tokenizer, device, args.n_heads)
     print(describe_model(args.ckpt, model, meta), file=sys.stderr)

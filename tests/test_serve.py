@@ -421,3 +421,14 @@ def test_retrieved_passages_reach_the_prompt_and_the_response(client, local, kno
     assert first.sources == sources
     tight = client.chat.completions.create(model="serve", messages=user(question), temperature=0, max_tokens=200)
     assert tight.usage.prompt_tokens <= prompt_budget(256, 200) and tight.sources[-1]["truncated"]
+
+
+@pytest.mark.parametrize("flag, message", [("--port=70000", "--port=70000: must be 0-65535"),
+                                           ("--max_active=0", "--max_active=0: must be >= 1"),
+                                           ("--max_tokens_limit=-5", "--max_tokens_limit=-5: must be >= 1"),
+                                           ("--rag_top_k=0", "--rag_top_k=0: must be >= 1")])
+def test_bad_server_flags_are_refused_before_the_model_loads(flag, message, capsys):
+    import serve
+    with pytest.raises(SystemExit) as stop:
+        serve.parse_args(["--ckpt=does/not/exist.pt", flag])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
