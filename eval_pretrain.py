@@ -232,14 +232,10 @@ def perplexity_report(model: Transformer, tokenizer: ChatGLMTokenizer, tokens: n
 def source_reports(model: Transformer, tokenizer: ChatGLMTokenizer, tokens: np.ndarray, data: str,
                    layout: list[tuple[str, int, int]], stride: int | None, batch_size: int, device: str,
                    autocast_for_source) -> dict[str, PerplexityReport]:
-    """A report per source of the (possibly --max_tokens-cut) stream, each source's tokens scored on their own."""
-    reports = {}
-    for name, start, end in layout:
-        end = min(end, len(tokens))
-        if end > start:
-            reports[name] = perplexity_report(model, tokenizer, tokens[start:end], f"{data} [{name}]", stride,
-                                              batch_size, device, autocast_for_source())
-    return reports
+    """A report per source of the stream (`layout`: the sources the --max_tokens cut leaves), each scored alone."""
+    return {name: perplexity_report(model, tokenizer, tokens[start:min(end, len(tokens))], f"{data} [{name}]", stride,
+                                    batch_size, device, autocast_for_source())
+            for name, start, end in layout}
 
 
 def combined_report(parts: list[PerplexityReport], tokens: np.ndarray, data: str) -> PerplexityReport:
@@ -309,11 +305,11 @@ def measure(model: Transformer, tokenizer: ChatGLMTokenizer, data: str, args: ar
     """The report of `data`, and one per source when it is a .bin whose manifest records several."""
     tokens = load_eval_tokens(data, tokenizer, args.max_tokens, args.text_field, model.args.vocab_size)
     layout = source_layout(data, os.path.getsize(data) // 2) if data.endswith(".bin") else []
+    layout = [(name, start, end) for name, start, end in layout if min(end, len(tokens)) > start]  # --max_tokens cut
     if len(layout) > 1:
         per_source = source_reports(model, tokenizer, tokens, data, layout, args.stride, args.batch_size, device,
                                     lambda: autocast_for(device, args.dtype))
-        if len(per_source) > 1:
-            return combined_report(list(per_source.values()), tokens, data), per_source
+        return combined_report(list(per_source.values()), tokens, data), per_source
     return perplexity_report(model, tokenizer, tokens, data, args.stride, args.batch_size, device,
                              autocast_for(device, args.dtype)), {}
 

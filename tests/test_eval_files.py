@@ -79,7 +79,7 @@ def test_eval_cli_with_zero_shots_scores_only_the_given_file(crowded, tiny_ckpt,
     assert read == ["my_val.csv"] and len(json.loads(out.read_text(encoding="utf-8"))["items"]) == 3
 
 
-def test_eval_pretrain_reports_each_source(tiny_ckpt, tokenizer, tokenizer_dir, tmp_path, capsys):  # noqa: F811
+def test_eval_pretrain_reports_each_source(tiny_ckpt, tokenizer, tokenizer_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
     texts = {"wiki": ["北京是中国的首都。", "长江是中国最长的河流。"], "medical": ["高血压患者应当低盐饮食。"]}
     parts = {name: [i for t in docs for i in tokenizer.encode(t) + [2]] for name, docs in texts.items()}
     data = tmp_path / "val.bin"
@@ -100,3 +100,8 @@ def test_eval_pretrain_reports_each_source(tiny_ckpt, tokenizer, tokenizer_dir, 
     assert report["total_nats"] == pytest.approx(sum(s["total_nats"] for s in report["sources"].values()))
     printed = capsys.readouterr().out
     assert "source" in printed and "wiki" in printed and "medical" in printed
+    calls = []   # --max_tokens leaving one source: the stream is scored once, not per source and then again
+    real = ep.perplexity_report
+    monkeypatch.setattr(ep, "perplexity_report", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    assert ep.main([f"--ckpt={tiny_ckpt}", "--ppl_only", f"--data={data}", f"--max_tokens={len(parts['wiki'])}"]) == 0
+    assert calls == [str(data)]
