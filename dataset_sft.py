@@ -405,6 +405,7 @@ class SFTDataset:
                                f"positions): pack to the max_seq_len the samples were truncated to")
         self.pack_len = pack_len   # > 0: training rows pack several samples up to this many positions
         self._rows: tuple[int, list[np.ndarray], np.ndarray] | None = None   # (epoch, rows, samples before each)
+        self._epoch0_rows: int | None = None   # num_samples when packed (packing epoch 0 again would evict _rows)
         # each sample's `source` (validation is scored per source); one source "data" without that column
         self.sources = np.full(len(samples), "data", dtype=object) if sources is None else sources
         self.order_batch = world_size * micro_batch_size   # chunk size of the epoch order, fixed by the first start
@@ -422,7 +423,11 @@ class SFTDataset:
     def num_samples(self) -> int:
         """Conversations per epoch, all ranks together; packed, the rows per epoch: what a micro batch row holds
         one of, the unit the run plan counts epochs in."""
-        return len(self._epoch_rows(0)[0]) if self.pack_len else len(self.samples)
+        if not self.pack_len:
+            return len(self.samples)
+        if self._epoch0_rows is None:
+            self._epoch0_rows = len(self._epoch_rows(0)[0])
+        return self._epoch0_rows
 
     def describe(self) -> str:
         """One line for the start-of-run summary (trainer.describe_run prints it)."""
@@ -552,7 +557,7 @@ class SFTDataset:
         self.seed, self.bucket_batches = int(state["seed"]), int(state["bucket_batches"])
         # checkpoints written before `offset` counted batches of `global_batch` samples (their order chunk)
         self.order_batch = int(state.get("order_batch", state.get("global_batch", 0)))
-        self.epoch, self._stream, self._rows = int(state["epoch"]), None, None
+        self.epoch, self._stream, self._rows, self._epoch0_rows = int(state["epoch"]), None, None, None
         self._offset = int(state["offset"] if "offset" in state else state["batch"] * self.order_batch)
         if self._offset >= len(self.samples):   # an old checkpoint's epoch end (its epochs repeated a few samples)
             self.epoch, self._offset = self.epoch + 1, 0

@@ -510,10 +510,11 @@ def evaluate(run: Run) -> dict[str, float] | None:
     model.eval()
     totals = torch.zeros(len(names), 2, dtype=torch.float64, device=device)   # [source, (loss sum, targets)]
     for name, *batch in batches[:int(count.item())]:
+        n_targets = run.loss_fn.count(batch[1])   # on the host batch: no device sync per micro batch
         batch = _batch_to_device(tuple(batch), device)
         with run.precision.autocast(device):
             loss = _summed_loss(run.loss_fn, model, batch)
-        count_y = torch.tensor(float(run.loss_fn.count(batch[1])), dtype=torch.float64, device=device)
+        count_y = torch.tensor(float(n_targets), dtype=torch.float64, device=device)
         totals[names.index(name)] += torch.stack([loss.double(), count_y])
     model.train()
     _all_reduce(run.ctx, totals)
