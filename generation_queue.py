@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from inference import autocast_for, stream_text
+from inference import autocast_for, resolve_dtype, stream_text
 
 
 @dataclass
@@ -79,7 +79,8 @@ class GenerationQueue:
     def __init__(self, model, tokenizer, device: str, dtype: str = "auto", max_active: int = 8):
         if max_active < 1:
             raise ValueError(f"--max_active must be >= 1, got {max_active}")
-        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        # resolved once: autocast_for runs per generated token
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, resolve_dtype(device, dtype)
         self.max_active = max_active
         self._pending: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)

@@ -76,10 +76,16 @@ def pick_device(name: str) -> str:
     return name
 
 
+def resolve_dtype(device: str, dtype: str) -> str:
+    """--dtype auto -> bfloat16 on a GPU with native bf16, else float32; any other value as given."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") and native_bf16(torch.device(device)) else "float32"
+    return dtype
+
+
 def autocast_for(device: str, dtype: str) -> contextlib.AbstractContextManager:
     """Autocast context for forward passes: weights stay fp32, matmuls run in the chosen dtype."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and native_bf16(torch.device(device)) else "float32"
+    dtype = resolve_dtype(device, dtype)
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
