@@ -77,15 +77,21 @@ def _default_warmup(cfg: Any, max_iters: int) -> int:
     return cfg.warmup_iters if cfg.warmup_iters >= 0 else min(1000, max_iters // 10)
 
 
-def _fresh(cfg: TrainConfig, world_size: int, seq_len: int, num_samples: int) -> Plan:
+def _asked_accum(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
+    """The accumulation the flags ask for: --batch_tokens / (micro batch positions of all ranks), which must
+    divide exactly, else --grad_accum_steps."""
     per_micro = cfg.micro_batch_size * seq_len * world_size
-    accum = cfg.grad_accum_steps
-    if cfg.batch_tokens:
-        if cfg.batch_tokens % per_micro:
-            raise ConfigError(f"--batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
-                              f"world_size = {cfg.micro_batch_size} * {seq_len} * {world_size} = {per_micro}")
-        accum = cfg.batch_tokens // per_micro
-    tokens = per_micro * accum
+    if not cfg.batch_tokens:
+        return cfg.grad_accum_steps
+    if cfg.batch_tokens % per_micro:
+        raise ConfigError(f"--batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch_size * seq_len * "
+                          f"world_size = {cfg.micro_batch_size} * {seq_len} * {world_size} = {per_micro}")
+    return cfg.batch_tokens // per_micro
+
+
+def _fresh(cfg: TrainConfig, world_size: int, seq_len: int, num_samples: int) -> Plan:
+    accum = _asked_accum(cfg, seq_len, world_size)
+    tokens = cfg.micro_batch_size * seq_len * world_size * accum
     max_iters = cfg.max_iters or _steps_for_epochs(cfg.epochs, num_samples, seq_len, tokens)
     warmup = _default_warmup(cfg, max_iters)
     decay = max(cfg.lr_decay_iters or max_iters, warmup)
@@ -134,10 +140,7 @@ def _geometry(plan: Plan, cfg: TrainConfig, before: dict, world_size: int) -> li
         plan.step_tokens = plan.tokens_per_iter
         return []
     if asked:
-        accum = cfg.batch_tokens // per_micro if cfg.batch_tokens else cfg.grad_accum_steps
-        if cfg.batch_tokens and cfg.batch_tokens % per_micro:
-            raise ConfigError(f"--batch_tokens={cfg.batch_tokens} is not a multiple of micro_batch_size * seq_len "
-                              f"* world_size = {per_micro}")
+        accum = _asked_accum(cfg, plan.seq_len, world_size)
     else:
         accum = max(1, round(plan.tokens_per_iter / per_micro))
     plan.grad_accum_steps, plan.step_tokens = accum, per_micro * accum
