@@ -42,6 +42,12 @@ class DPOConfig(SFTConfig):
     ref_model: str = ""
     """Reference weights without LoRA; '' = the --init_from weights (recorded, so --resume keeps them)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5 or self.loss not in LOSS_KINDS:
+            raise ConfigError(f"--beta={self.beta} --label_smoothing={self.label_smoothing} --loss={self.loss}: need "
+                              f"beta > 0, 0 <= label_smoothing < 0.5, loss one of {', '.join(LOSS_KINDS)}")
+
 
 # TRL's DPO defaults where they fit: beta 0.1, a small learning rate, one epoch.
 DEFAULTS = DPOConfig(data="sft_data/dpo_data.csv", out_dir="out/dpo", preset="92m", lr=5e-6, min_lr=5e-7,
@@ -63,10 +69,7 @@ def make_loss(cfg: DPOConfig, n_heads: int) -> DPOLoss:
         raise ConfigError(f"--ref_model={cfg.ref_model}: with --lora_rank the reference is the --init_from "
                           f"weights (the adapters switched off)")
     reference = adapters_off_reference if cfg.lora_rank else FrozenReference(cfg.ref_model, n_heads)
-    try:
-        return DPOLoss(cfg.beta, cfg.label_smoothing, cfg.loss, reference)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return DPOLoss(cfg.beta, cfg.label_smoothing, cfg.loss, reference)
 
 
 def main(argv: list[str]) -> dict:
@@ -74,8 +77,6 @@ def main(argv: list[str]) -> dict:
     if not (cfg.init_from or cfg.resume):
         raise ConfigError("dpo.py optimises fine-tuned weights: pass --init_from=out/sft/ckpt.pt, or --resume to "
                           "continue the run in --out_dir")
-    if cfg.loss not in LOSS_KINDS:
-        raise ConfigError(f"--loss={cfg.loss}: choose one of {', '.join(LOSS_KINDS)}")
     if not cfg.resume:   # saved in the checkpoint's config, so a resumed run scores against the same reference
         cfg = dataclasses.replace(cfg, ref_model=cfg.ref_model or cfg.init_from)
     recorded = None if cfg.tokenizer else recorded_tokenizer(cfg, ctx)

@@ -249,3 +249,10 @@ def test_two_ranks_with_lora_equal_one_rank_with_twice_the_micro_batch(synthetic
     # Adam's first steps move each weight by about lr = 3e-3 whatever the gradient's size, so the float
     # differences of a summed-over-ranks gradient show up at ~1e-5 in weights that started at zero (lora_B)
     assert all(torch.allclose(a[k], b[k], atol=3e-5) for k in a) and rows(one, "loss")[-1] != rows(one, "loss")[0]
+
+
+@pytest.mark.parametrize("flag", ["--beta=0", "--label_smoothing=0.5", "--loss=kto"])
+def test_bad_dpo_flags_are_refused_with_the_flags_before_anything_loads(flag):
+    from train_config import ConfigError, parse_config
+    with pytest.raises(ConfigError, match=r"--beta=.* --label_smoothing=.* --loss=.*: need beta > 0"):
+        parse_config([flag], dpo.DEFAULTS)
