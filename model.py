@@ -35,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
-from fused_ce import linear_cross_entropy
+from fused_ce import linear_cross_entropy, target_log_probs
 from lora import merge_state_dict, weights_sha256
 
 
@@ -114,10 +115,34 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 even under bf16 autocast (same order of operations as HF's LlamaRMSNorm)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """weight * normalise(x), normalised in fp32 even under bf16 autocast (the order of operations of HF's
+    LlamaRMSNorm). Written out because autograd's own graph of it keeps the normalised x [B, T, dim] for the
+    backward pass besides x; this keeps x and the per-position 1/rms [B, T, 1] only and recomputes the rest
+    (one [B, T, dim] tensor less per norm; tests/test_activation_memory.py checks the gradients)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))        # fp32, or fp64 in gradcheck
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)    # [B, T, 1]
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).type_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(rstd.dtype) * rstd                                 # [B, T, dim]
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.type_as(x)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(rstd.dtype)                           # d loss / d normed
+            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None
 
 
 def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,10 +206,25 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask [B, 1, T, T] bool (True = attend) replaces the plain causal mask (packed rows, --doc_mask)."""
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)       # [B, T, H, hd]
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)    # [B, T, KV, hd]
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)    # [B, T, KV, hd]
+        return self.attend(*self.project(x), cos, sin, cache, start_pos, mask)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, H * hd], k and v [B, T, KV * hd]: one matmul with the three weights stacked (when none carries
+        LoRA adapters), which Block's activation recomputation needs (see Block.forward)."""
+        plain = all(type(w) is nn.Linear for w in (self.wq, self.wk, self.wv))
+        if not plain:
+            return self.wq(x), self.wk(x), self.wv(x)
+        weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+        return F.linear(x, weight).split((self.wq.out_features, self.wk.out_features, self.wv.out_features), -1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotary embedding, attention and the output projection of projected q, k, v (see project)."""
+        B, T, _ = q.shape
+        q = q.reshape(B, T, self.n_heads, self.head_dim)             # [B, T, H, hd]
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)          # [B, T, KV, hd]
+        # its own copy: a view would keep project's whole q|k|v output alive for attention's backward
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).contiguous()  # [B, T, KV, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or KV, T, hd]
         if cache is not None:
@@ -194,7 +234,7 @@ class Attention(nn.Module):
             n_rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(n_rep, dim=1)                     # [B, H, S, hd]
             v = v.repeat_interleave(n_rep, dim=1)                     # [B, H, S, hd]
-        masking = {"attn_mask": mask} if mask is not None else self._mask_kwargs(T, start_pos, x.device)
+        masking = {"attn_mask": mask} if mask is not None else self._mask_kwargs(T, start_pos, q.device)
         with sdpa_kernel(DECODE_BACKENDS) if cache is not None else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, **masking,
                                                  dropout_p=self.dropout if self.training else 0.0)
@@ -225,7 +265,17 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.dropout(self.down(*self.up(x)))
+
+    def up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1 x, w3 x) [B, T, ffn_hidden_dim] each: one matmul with both weights stacked (when neither carries
+        LoRA adapters), which Block's activation recomputation needs."""
+        if type(self.w1) is nn.Linear and type(self.w3) is nn.Linear:
+            return F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
+        return self.w1(x), self.w3(x)
+
+    def down(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(a) * b)
 
 
 class Block(nn.Module):
@@ -238,8 +288,24 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
-        return x + self.feed_forward(self.ffn_norm(x))
+        if not torch.is_grad_enabled():
+            x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
+            return x + self.feed_forward(self.ffn_norm(x))
+        # Training keeps for the backward pass only what costs a matmul to recompute. Autograd alone would also
+        # keep each norm's output (the input of the projections after it), silu(w1 x) and w2's input silu(w1 x)
+        # * w3 x: about 40% of a block's activations. The three regions below are recomputed in backward from
+        # their inputs instead; each recomputation stops before its last matmul (the one whose inputs it was
+        # run for), and the projections are single matmuls (project, up), so only elementwise work is redone.
+        q, k, v = checkpoint(self._normed_qkv, x, use_reentrant=False)
+        x = x + self.attention.attend(q, k, v, cos, sin, cache, start_pos, mask)
+        a, b = checkpoint(self._normed_up, x, use_reentrant=False)
+        return x + self.feed_forward.dropout(checkpoint(self.feed_forward.down, a, b, use_reentrant=False))
+
+    def _normed_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.attention.project(self.attention_norm(x))
+
+    def _normed_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.feed_forward.up(self.ffn_norm(x))
 
 
 def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,15 +353,18 @@ class Transformer(nn.Module):
                 segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Without targets: (logits [B, T, vocab_size], None). With targets [B, T] (-100 = ignore): (None, the
         cross-entropy loss), computed by fused_ce from the hidden states without materialising the logits;
-        reduction "mean" averages over non-ignored targets, "sum" adds them (the caller divides by a count).
+        reduction "mean" averages over non-ignored targets, "sum" adds them (the caller divides by a count), "none"
+        gives each position's [B, T] (0 where ignored; DPO sums them per sequence).
         segment_ids [B, T] (optional): positions with different ids never attend to each other and rotary
         positions restart at 0 where an id begins, so several samples packed in one row (dataset_sft.py) or
         documents of one window (--doc_mask) are computed exactly as if each were alone."""
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         hidden = self._hidden(tokens, segment_ids=segment_ids)             # [B, T, dim]
         if targets is None:
             return self.output(hidden), None
+        if reduction == "none":
+            return None, -target_log_probs(hidden, self.output.weight, targets)    # [B, T]
         return None, linear_cross_entropy(hidden, self.output.weight, targets, reduction)
 
     def _hidden(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int = 0,

@@ -9,7 +9,8 @@ fused output layer + cross-entropy (fused_ce.py), HF's from full fp32 logits. Sp
 step by step, so load from other processes on a shared machine slows both alike; the median step time counts.
 Achieved FLOP/s (6N + attention per token, model.flops_per_token) is shown as a share of a torch.mm peak
 measured in the same run. Memory: each model runs one step in a fresh process; its peak RSS minus its RSS with
-the model built is what the step needs (gradients, AdamW state, activations, logits). Targets (issue 12):
+the model built is what the step needs (gradients, AdamW state, activations, logits), with glibc set to return
+every freed tensor to the OS (track_live_memory) so that the peak is that of the live tensors. Targets (issue 12):
 ours >= 1.2x HF's tokens/s and <= 1/4 of HF's step memory.
 """
 from __future__ import annotations
@@ -73,8 +74,19 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def track_live_memory() -> None:
+    """Make RSS follow the live tensors: with glibc's mmap threshold fixed at 1 MiB every tensor of 1 MiB or more
+    is a mapping of its own, returned to the OS when freed. By default the threshold adapts to freed blocks and
+    later ones are carved out of the heap, whose freed holes stay resident: the peak then depends on the order
+    of past allocations and frees (by 300-900 MB in one 92m step) rather than on what the step holds."""
+    import ctypes
+    m_mmap_threshold = -3   # mallopt parameter number from <malloc.h>
+    ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 2 ** 20)
+
+
 def step_memory_mb(name: str, which: str, batch: int, seq: int) -> float:
     """Peak RSS of one training step minus the RSS with the model built, measured in this (fresh) process."""
+    track_live_memory()
     args = model_args_from_preset(name, max_seq_len=seq)
     torch.manual_seed(0)
     model = Transformer(args).train() if which == "ours" else hf_twin(args)
