@@ -8,7 +8,8 @@
 A micro batch from dataset_dpo.DPODataset is x, y [2B, T]: B chosen samples, then the B rejected samples of
 the same pairs. One forward pass scores all 2B (TRL's concatenated_forward); a sequence's log-probability is
 the sum of log p(y_t) over its targets (y != -100: the final answer's tokens and its <eos>, never the prompt
-or padding). The logits are asked for explicitly (model(x), no targets), not taken from a loss forward.
+or padding), from model(x, y, reduction="none"): the fused output layer (fused_ce.target_log_probs), so neither
+the policy's nor the reference's [2B, T, vocab] logits are ever made (1 GB in fp32 for 4 pairs of 512 tokens).
 
 The reference policy is the frozen starting model, scored without gradients in the same step:
 - adapters_off_reference (with --lora_rank): the very model with its LoRA adapters switched off. No second
@@ -33,14 +34,13 @@ from model import load_model
 LOSS_KINDS = ("sigmoid", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
-Reference = Callable[[nn.Module, torch.Tensor], torch.Tensor]   # (policy model, x) -> reference logits
+Reference = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]   # (policy, x, y) -> ref logps [N]
 
 
-def sequence_logps(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-row sum of log p(y_t) over the targets (y != -100): [N] fp32 from logits [N, T, V], y [N, T]."""
-    token_logps = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none")                        # [N * T], 0 where ignored
-    return token_logps.view(y.shape).sum(dim=1)                             # [N]
+def sequence_logps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of log p(y_t) over the targets (y != -100): [N] fp32 for x, y [N, T], through the model's
+    fused output layer (no logits)."""
+    return -model(x, y, reduction="none")[1].sum(dim=1)                   # [N]
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -68,12 +68,12 @@ def pair_mask(y: torch.Tensor) -> torch.Tensor:
     return has_targets[:half] & has_targets[half:]
 
 
-def adapters_off_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The LoRA model's base: the same weights with every adapter off (a DDP wrapper is bypassed: a no-grad
-    forward has no gradients to synchronise)."""
+def adapters_off_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sequence log-probabilities under the LoRA model's base: the same weights with every adapter off (a DDP
+    wrapper is bypassed: a no-grad forward has no gradients to synchronise)."""
     inner = getattr(model, "module", model)
     with adapters_disabled(inner):
-        return inner(x)[0]
+        return sequence_logps(inner, x, y)
 
 
 class FrozenReference:
@@ -83,10 +83,10 @@ class FrozenReference:
         self.path, self.n_heads = path, n_heads
         self.model: nn.Module | None = None
 
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.model is None:
             self.model = load_model(self.path, device=x.device, n_heads=self.n_heads)[0].requires_grad_(False)
-        return self.model(x)[0]
+        return sequence_logps(self.model, x, y)
 
 
 class DPOLoss:
@@ -105,9 +105,9 @@ class DPOLoss:
         return int(pair_mask(y).sum())
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logps = sequence_logps(model(x)[0], y)                   # [2B]: one pass over chosen and rejected
+        logps = sequence_logps(model, x, y)                      # [2B]: one pass over chosen and rejected
         with torch.no_grad():
-            ref_logps = sequence_logps(self.reference(model, x), y)
+            ref_logps = self.reference(model, x, y)
         half, valid = x.shape[0] // 2, pair_mask(y)
         losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:half], logps[half:], ref_logps[:half],
                                                             ref_logps[half:], self.beta, self.label_smoothing,

@@ -12,10 +12,12 @@ How. For each chunk of positions: logits = h @ W^T, their log-sum-exp and the ta
 softmax - onehot is the gradient of the logits, which is turned at once into the chunk's share of dL/dh
 (g @ W) and of dL/dW (g^T @ h) and dropped (the softmax's 1/sum and the onehot are applied to the small
 [chunk, dim] operands, so the [chunk, vocab] buffer is read and written as few times as possible). The loss is
-differentiated right after the forward pass in training, so the gradients are computed in the forward pass (as Liger-Kernel's fused linear cross-entropy
-does) rather than recomputing the logits in backward: the output layer, 53-82% of a step's FLOPs at this
-project's sizes, then costs three matmuls, as unfused, not four. backward() only scales the stored gradients
-by the incoming scalar. Without grad mode (validation) only the loss is computed.
+differentiated right after the forward pass in training, so the gradients are computed in the forward pass (as
+Liger-Kernel's fused linear cross-entropy does) rather than recomputing the logits in backward: the output
+layer, 53-82% of a step's FLOPs at this project's sizes, then costs three matmuls, as unfused, not four.
+backward() only scales the stored gradients by the incoming scalar. Without grad mode (validation) only the
+loss is computed. target_log_probs (DPO's sequence log-probabilities) gets one gradient per position back, so
+it does recompute the logits in backward (_TargetLogProbs).
 
 Positions whose target is ignored (-100: SFT prompts, padding) are dropped before the matmul on CPU, where
 selecting them is free; on CUDA they are masked instead, because selecting rows needs the count on the host
@@ -106,6 +108,66 @@ def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
         weight.to(dtype), hidden.to(dtype), targets)                      # (lin_weight, input, target)
     return (out[0] if isinstance(out, tuple) else out).float()
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """log p(target) [N] fp32 of the logits hidden [N, dim] @ weight [vocab, dim]^T. Unlike _LinearCrossEntropy
+    the gradient that comes back is one number per position (DPO weighs each sequence by its own margin), so
+    it cannot be worked out in the forward pass: backward recomputes each chunk's logits from hidden and the
+    saved log-sum-exp (four matmuls in all instead of three, still no [N, vocab] buffer)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        chunk_rows = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2 ** 26) // weight.shape[0])
+        w = weight.to(compute_dtype)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        target_logit = torch.empty_like(lse)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            logits = (hidden[start:start + chunk_rows].to(compute_dtype) @ w.T).float()    # [c, vocab]
+            lse[start:start + chunk_rows] = logits.logsumexp(dim=-1)
+            target_logit[start:start + chunk_rows] = logits.gather(1, targets[start:start + chunk_rows, None])[:, 0]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.compute_dtype, ctx.chunk_rows = compute_dtype, chunk_rows
+        return target_logit - lse
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dtype, chunk_rows = ctx.compute_dtype, ctx.chunk_rows
+        w = weight.to(dtype)
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows].to(dtype)                                  # [c, dim]
+            g_out = grad_out[start:start + chunk_rows, None].float()                        # [c, 1]
+            # d log p(t) / d logits = onehot(t) - softmax, times the position's incoming gradient
+            grad_logits = (h @ w.T).float().sub_(lse[start:start + chunk_rows, None]).exp_().mul_(-g_out)
+            grad_logits.scatter_add_(1, targets[start:start + chunk_rows, None], g_out)     # [c, vocab]
+            if need_h:
+                grad_hidden[start:start + chunk_rows] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+            if need_w:
+                grad_weight += (grad_logits.T.to(dtype) @ h).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def target_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each position, fp32 [...] for hidden [..., dim], targets [...] (-100: 0, no gradient),
+    from the logits hidden @ weight^T without materialising them; differentiable (see _TargetLogProbs).
+    Summed over a sequence's targets it is the sequence's log-probability (DPO)."""
+    shape = targets.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1])                           # [N, dim]
+    targets = targets.reshape(-1)                                           # [N]
+    valid = targets != IGNORE_INDEX
+    compute_dtype = _compute_dtype(hidden.device, weight.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):   # the chunks cast explicitly
+        if hidden.device.type == "cpu":   # ignored positions dropped before the matmul (see the module docstring)
+            out = hidden.new_zeros(targets.shape, dtype=torch.float32)
+            out[valid] = _TargetLogProbs.apply(hidden[valid], weight, targets[valid], compute_dtype)
+        else:
+            out = _TargetLogProbs.apply(hidden, weight, torch.where(valid, targets, 0), compute_dtype) * valid
+    return out.view(shape)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

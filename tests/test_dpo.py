@@ -89,7 +89,7 @@ def test_loss_and_gradients_equal_a_hand_computation():
     hand_policy = copy.deepcopy(policy)
     beta = 0.5
     x, y = DPODataset(*pair_samples(PAIRS), micro_batch_size=2, pad_id=PAD).collate(np.array([0, 1]))
-    loss_fn = DPOLoss(beta=beta, reference=lambda model, tokens: reference(tokens)[0])
+    loss_fn = DPOLoss(beta=beta, reference=lambda model, tokens, targets: sequence_logps(reference, tokens, targets))
     assert loss_fn.count(y) == 2
     loss = loss_fn(policy, x, y) / loss_fn.count(y)
     loss.backward()
@@ -124,10 +124,20 @@ def test_loss_variants_and_sequence_logps():
     assert smoothed.item() == pytest.approx((-0.9 * F.logsigmoid(0.2 * h) - 0.1 * F.logsigmoid(-0.2 * h)).item())
     ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.2, kind="ipo")
     assert ipo.item() == pytest.approx((1.5 - 1 / 0.4) ** 2)
-    logits = torch.randn(1, 3, 7)
-    y = torch.tensor([[IGNORE_INDEX, 4, 6]])
-    expected = F.log_softmax(logits[0], -1)[1, 4] + F.log_softmax(logits[0], -1)[2, 6]
-    assert sequence_logps(logits, y).item() == pytest.approx(expected.item(), abs=1e-6)
+    torch.manual_seed(0)
+    net = Transformer(model_args_from_preset("tiny", vocab_size=50, max_seq_len=8))
+    x = torch.randint(0, 50, (2, 8))
+    y = torch.randint(0, 50, (2, 8))
+    y[0, :3] = y[1, :5] = IGNORE_INDEX
+    logps = sequence_logps(net, x, y)   # the fused output layer: no logits
+    log_softmax = F.log_softmax(net(x)[0].float(), -1)
+    expected = [sum(log_softmax[r, t, y[r, t]] for t in range(8) if y[r, t] != IGNORE_INDEX) for r in range(2)]
+    torch.testing.assert_close(logps, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    weights = torch.tensor([0.7, -1.3])   # DPO sends each sequence its own gradient
+    got = torch.autograd.grad((logps * weights).sum(), net.layers[0].attention.wq.weight)[0]
+    want = torch.autograd.grad((torch.stack(expected) * weights).sum(), net.layers[0].attention.wq.weight)[0]
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_pair_truncation_keeps_one_context():

@@ -1,6 +1,7 @@
 """fused_ce.py and the model's loss: the fused linear + cross-entropy equals the plain F.cross_entropy over fp32
 logits, loss and every gradient, with ignored targets, several chunks, uneven micro batches, tied and untied
-output weights, and under DDP on 2 ranks (gloo).
+output weights, and under DDP on 2 ranks (gloo); the per-position log-probabilities (DPO) equal log_softmax's,
+gradients included, for any gradient coming back per position.
 
     python -m pytest -q tests/test_fused_loss.py
 """
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import fused_ce
 from conftest import torchrun
-from fused_ce import linear_cross_entropy
+from fused_ce import linear_cross_entropy, target_log_probs
 from model import Transformer, model_args_from_preset
 
 SMALL = dict(vocab_size=1000, max_seq_len=32)
@@ -47,6 +48,30 @@ def test_loss_and_gradients_equal_plain_cross_entropy_across_chunks(monkeypatch,
     for got, want in zip(fused_grads, grads(plain, hidden, weight)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert fused_grads[0][1].abs().max() == 0 and fused_grads[0][0].abs().max() > 0   # ignored rows: none
+
+
+def test_target_log_probs_and_their_gradients_equal_log_softmax(monkeypatch):
+    """Each position's log p(target), and the gradients for a different weight on every position (what DPO's
+    per-sequence margins send back): recomputed in backward, chunk by chunk."""
+    monkeypatch.setattr(fused_ce, "CHUNK_ELEMENTS", {"cpu": 7 * 1000})
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 9, 48, requires_grad=True)
+    weight = (torch.randn(1000, 48) * 0.3).requires_grad_()
+    targets = torch.randint(0, 1000, (4, 9))
+    targets[:, :3] = -100
+    targets[2] = -100              # a row with no target at all
+    upstream = torch.randn(4, 9)
+    got = target_log_probs(hidden, weight, targets)
+    logp = F.log_softmax((hidden @ weight.T).float(), dim=-1)
+    expected = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert got[2].abs().sum() == 0 and got[[0, 1, 3], 3:].abs().min() > 0
+    got_grads = grads((got * upstream).sum(), hidden, weight)
+    for g_got, g_ref in zip(got_grads, grads((expected * upstream).sum(), hidden, weight)):
+        assert g_ref.abs().max() > 0
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(target_log_probs(hidden, weight, targets), expected.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_no_grad_gives_the_same_loss_and_all_ignored_gives_zero():

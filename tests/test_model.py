@@ -62,7 +62,7 @@ def test_initial_loss_is_about_ln_vocab():
     assert abs(loss.item() - math.log(VOCAB)) < 0.1, loss.item()
 
 
-def test_sum_reduction_is_mean_times_counted_targets():
+def test_sum_and_none_reductions_agree_with_the_mean():
     model = make_model(**SMALL)
     tokens = torch.randint(0, 512, (3, 20))
     targets = torch.randint(0, 512, (3, 20))
@@ -72,8 +72,11 @@ def test_sum_reduction_is_mean_times_counted_targets():
     _, total = model(tokens, targets, reduction="sum")
     counted = int((targets != -100).sum())
     torch.testing.assert_close(total, mean * counted)
+    _, per_position = model(tokens, targets, reduction="none")          # [B, T], 0 where ignored
+    assert per_position.shape == (3, 20) and (per_position[targets == -100] == 0).all()
+    torch.testing.assert_close(per_position.sum(), total)
     with pytest.raises(ValueError, match="reduction"):
-        model(tokens, targets, reduction="none")
+        model(tokens, targets, reduction="batchmean")
 
 
 def test_ignored_targets_do_not_change_the_loss():
