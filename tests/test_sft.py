@@ -153,7 +153,9 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(sample_csv, small_t
         assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-5)
     assert metrics(two, "val_loss")[3] == pytest.approx(metrics(one, "val_loss")[3], rel=1e-5)
     a, b = load(one / "ckpt.pt")["model"], load(two / "ckpt.pt")["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # AdamW divides each gradient by its own RMS, so where a gradient is near 0 the float noise of another
+    # summation order (2 ranks) grows to a small share of one lr-sized (1e-2) update: up to 2e-5 measured
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 def test_validation_comes_from_a_split_a_separate_file_or_nowhere(sample_csv, small_tokenizer, tmp_path):
