@@ -38,7 +38,7 @@ class DPOConfig(SFTConfig):
     label_smoothing: float = 0.0
     """Probability that a pair's preference label is wrong (conservative DPO); 0 = plain DPO."""
     loss: str = "sigmoid"
-    """sigmoid (DPO) | ipo (squared loss on the log-ratio margin)."""
+    """sigmoid (DPO) | ipo (squared loss on the log-ratio margin of per-token average log-probabilities)."""
     ref_model: str = ""
     """Reference weights without LoRA; '' = the --init_from weights (recorded, so --resume keeps them)."""
 

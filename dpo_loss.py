@@ -48,7 +48,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
              kind: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per pair, chosen rewards, rejected rewards) from sequence log-probabilities [B] each.
     sigmoid: -(1 - ls) log σ(β h) - ls log σ(-β h), h = (πc - rc) - (πr - rr) (label smoothing = cDPO);
-    ipo: (h - 1 / (2β))² (Azar et al. 2023, on summed log-probabilities). Rewards: β (π - r), no gradient."""
+    ipo: (h - 1 / (2β))² (Azar et al. 2023; DPOLoss gives it log-probabilities averaged over each sequence's
+    targets, as TRL does). Rewards: β (π - r), no gradient."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     if kind == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
@@ -92,6 +93,8 @@ class FrozenReference:
 class DPOLoss:
     """trainer.StageLoss for DPO: the summed loss of a micro batch's pairs; the step averages per pair."""
     unit = "per pair"
+    batch_item = "pairs"   # --micro_batch_size counts pairs: twice as many sequences
+    plot_label = "DPO loss (mean per pair)"
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, kind: str = "sigmoid",
                  reference: Reference = adapters_off_reference):
@@ -108,6 +111,9 @@ class DPOLoss:
         logps = sequence_logps(model, x, y)                      # [2B]: one pass over chosen and rejected
         with torch.no_grad():
             ref_logps = self.reference(model, x, y)
+        if self.kind == "ipo":   # IPO's margin is on per-token averages (TRL): long answers do not dominate it
+            targets = (y != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+            logps, ref_logps = logps / targets, ref_logps / targets
         half, valid = x.shape[0] // 2, pair_mask(y)
         losses, chosen_rewards, rejected_rewards = dpo_loss(logps[:half], logps[half:], ref_logps[:half],
                                                             ref_logps[half:], self.beta, self.label_smoothing,

@@ -6,7 +6,7 @@
 equals `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100, reduction=...)` (tests/
 test_fused_loss.py holds it to fp32 tolerance, gradients included), but holds at most one chunk of
 `chunk_rows x vocab` fp32 logits at a time instead of `N x vocab` (for 16 x 512 positions and 64,794 words:
-32 MB on CPU instead of 2.1 GB of logits, and as much again for their softmax and gradient).
+128 MB on CPU instead of 2.1 GB of logits, and as much again for their softmax and gradient).
 
 How. For each chunk of positions: logits = h @ W^T, their log-sum-exp and the target's logit give the loss;
 softmax - onehot is the gradient of the logits, which is turned at once into the chunk's share of dL/dh
@@ -34,9 +34,11 @@ import os
 import torch
 
 IGNORE_INDEX = -100
-# fp32 logits per chunk: 32 MiB (~129 positions of the 64,794-word vocabulary) on CPU, where small chunks stay
-# in cache and cost no speed; 256 MiB (~1,036 positions) on GPUs, whose matmuls want more rows
-CHUNK_ELEMENTS = {"cpu": 2 ** 23, "cuda": 2 ** 26}
+# fp32 logits per chunk: 128 MiB (~517 positions of the 64,794-word vocabulary) on CPU, where fewer, larger
+# matmuls read the output weight fewer times (fwd + bwd on 2 cores, best of 3: 12.5 s at 129 positions a
+# chunk, 11.0 s at 517 for 92m's 16 x 512; 1.25 s and 1.16 s for tiny's 16 x 256); 256 MiB (~1,036 positions)
+# on GPUs, whose matmuls want more rows
+CHUNK_ELEMENTS = {"cpu": 2 ** 25, "cuda": 2 ** 26}
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -321,7 +321,7 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_losses(metrics_path: str, png_path: str) -> None:
+def plot_losses(metrics_path: str, png_path: str, ylabel: str = "cross-entropy loss (nats/token)") -> None:
     """loss.png: train and validation loss against tokens seen, from metrics.jsonl; a dashed curve per source."""
     import matplotlib
     matplotlib.use("Agg")
@@ -335,7 +335,7 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
         if points:
             ax.plot(*zip(*points), style, label=label, marker=None if key == "loss" else "o", markersize=3)
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -383,9 +383,9 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(numbers, step=row["step"])
 
-    def plot(self) -> None:
+    def plot(self, ylabel: str) -> None:
         if self.active:
-            plot_losses(self.path, self.png)
+            plot_losses(self.path, self.png, ylabel)
 
     def close(self) -> None:
         if not self.active:
@@ -485,7 +485,8 @@ def save_checkpoint(run: Run) -> None:
             os.remove(old)
     _on_rank0(run.ctx, write)
     if run.logger is not None:
-        run.logger.plot()   # a run stopped later still has a recent loss.png
+        # at every checkpoint: a run stopped later still has a recent loss.png
+        run.logger.plot(getattr(run.loss_fn, "plot_label", "cross-entropy loss (nats/token)"))
 
 
 def save_best(run: Run, val_loss: float) -> None:
@@ -793,7 +794,8 @@ def describe_run(run: Run) -> str:
              f"model: {params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the embedding), "
              f"{run.flops_per_token / 1e9:.3f} GFLOP/token at seq {p.seq_len}",
              *([_describe_lora(run)] if run.lora else []),
-             f"batch: {cfg.micro_batch_size} seqs x {p.seq_len} tokens x {p.grad_accum_steps} accum x "
+             f"batch: {cfg.micro_batch_size} {getattr(run.loss_fn, 'batch_item', 'seqs')} x {p.seq_len} tokens x "
+             f"{p.grad_accum_steps} accum x "
              f"{ctx.world_size} ranks = {up_to}{p.step_tokens:,} tokens/step",
              f"data: {describe() if describe else f'{len(run.train_ds):,} micro batches per epoch per rank'}",
              f"val: {val_describe() if val_describe else ('yes' if run.val_ds is not None else 'none')}",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -93,7 +92,14 @@ def step_memory_mb(name: str, which: str, batch: int, seq: int) -> float:
     x = torch.randint(0, args.vocab_size, (batch, seq))
     built = rss_mb()
     make_step(model, which == "hf", x)()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - built
+    return peak_rss_mb() - built
+
+
+def peak_rss_mb() -> float:
+    """This process image's peak RSS (VmHWM). Not getrusage's ru_maxrss: a child started with vfork + exec (as
+    subprocess does) inherits its parent's high-water mark there, so it would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def measure_memory(name: str, which: str, batch: int, seq: int) -> float:

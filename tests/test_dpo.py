@@ -81,7 +81,8 @@ def hand_logp(model, context, prompt, answer):
     return sum(log_probs[t, ids[t + 1]] for t in targets)
 
 
-def test_loss_and_gradients_equal_a_hand_computation():
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_loss_and_gradients_equal_a_hand_computation(kind):
     args = model_args_from_preset("tiny", vocab_size=40)
     torch.manual_seed(0)
     policy = Transformer(args)
@@ -89,7 +90,8 @@ def test_loss_and_gradients_equal_a_hand_computation():
     hand_policy = copy.deepcopy(policy)
     beta = 0.5
     x, y = DPODataset(*pair_samples(PAIRS), micro_batch_size=2, pad_id=PAD).collate(np.array([0, 1]))
-    loss_fn = DPOLoss(beta=beta, reference=lambda model, tokens, targets: sequence_logps(reference, tokens, targets))
+    loss_fn = DPOLoss(beta=beta, kind=kind,
+                      reference=lambda model, tokens, targets: sequence_logps(reference, tokens, targets))
     assert loss_fn.count(y) == 2
     loss = loss_fn(policy, x, y) / loss_fn.count(y)
     loss.backward()
@@ -99,11 +101,15 @@ def test_loss_and_gradients_equal_a_hand_computation():
         pc, pr = hand_logp(hand_policy, context, prompt, good), hand_logp(hand_policy, context, prompt, bad)
         with torch.no_grad():
             rc, rr = hand_logp(reference, context, prompt, good), hand_logp(reference, context, prompt, bad)
-        hand_losses.append(-F.logsigmoid(beta * ((pc - rc) - (pr - rr))))
+        if kind == "ipo":   # per-token averages over each answer's tokens and its <eos>
+            pc, rc, pr, rr = pc / (len(good) + 1), rc / (len(good) + 1), pr / (len(bad) + 1), rr / (len(bad) + 1)
+        h = (pc - rc) - (pr - rr)
+        hand_losses.append(-F.logsigmoid(beta * h) if kind == "sigmoid" else (h - 1 / (2 * beta)) ** 2)
         hand_rewards.append((beta * (pc - rc).item(), beta * (pr - rr).item(), pc.item(), pr.item()))
     hand = sum(hand_losses) / len(hand_losses)
     hand.backward()
-    assert abs(loss.item() - hand.item()) < 1e-5 and abs(hand.item() - math.log(2)) > 1e-3
+    at_start = math.log(2) if kind == "sigmoid" else (1 / (2 * beta)) ** 2   # the loss when policy = reference
+    assert abs(loss.item() - hand.item()) < 1e-5 and abs(hand.item() - at_start) > 1e-3
     for (name, p), q in zip(policy.named_parameters(), hand_policy.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
     metrics = {k: v.item() / 2 for k, v in loss_fn.take_metrics().items()}
@@ -225,7 +231,8 @@ def test_lora_dpo_resumes_exactly_and_loads_for_inference(synthetic_csv, small_t
     sizes = [(args.dim, args.dim), (args.dim, kv), (args.dim, kv), (args.dim, args.dim), (args.dim, hidden),
              (hidden, args.dim), (args.dim, hidden)]   # (in, out) of wq wk wv wo w1 w2 w3
     adapters = 4 * sum(i + o for i, o in sizes) * args.n_layers   # rank x (in + out) per linear layer
-    assert f"training {adapters:,} of" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"training {adapters:,} of" in out and "batch: 4 pairs x" in out   # --micro_batch_size counts pairs
     dpo.main(flags(synthetic_csv, small_tokenizer, halves, **dict(lora, max_iters=4)))
     dpo.main(["--resume", f"--out_dir={halves}", "--max_iters=8"])
     assert rows(halves, "loss") == rows(whole, "loss") and rows(whole, "loss")[0] == pytest.approx(math.log(2),
