@@ -211,11 +211,15 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, T, H * hd], k and v [B, T, KV * hd]: one matmul with the three weights stacked (when none carries
         LoRA adapters), which Block's activation recomputation needs (see Block.forward)."""
-        plain = all(type(w) is nn.Linear for w in (self.wq, self.wk, self.wv))
-        if not plain:
+        if not self.stacked:
             return self.wq(x), self.wk(x), self.wv(x)
         weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
         return F.linear(x, weight).split((self.wq.out_features, self.wk.out_features, self.wv.out_features), -1)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether project is one matmul: wq, wk and wv are plain linear layers (no LoRA adapters)."""
+        return all(type(w) is nn.Linear for w in (self.wq, self.wk, self.wv))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                cache: KVCache | None = None, start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -270,9 +274,14 @@ class FeedForward(nn.Module):
     def up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1 x, w3 x) [B, T, ffn_hidden_dim] each: one matmul with both weights stacked (when neither carries
         LoRA adapters), which Block's activation recomputation needs."""
-        if type(self.w1) is nn.Linear and type(self.w3) is nn.Linear:
+        if self.stacked:
             return F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
         return self.w1(x), self.w3(x)
+
+    @property
+    def stacked(self) -> bool:
+        """Whether up is one matmul: w1 and w3 are plain linear layers (no LoRA adapters)."""
+        return type(self.w1) is nn.Linear and type(self.w3) is nn.Linear
 
     def down(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(a) * b)
@@ -296,16 +305,23 @@ class Block(nn.Module):
         # * w3 x: about 40% of a block's activations. The three regions below are recomputed in backward from
         # their inputs instead; each recomputation stops before its last matmul (the one whose inputs it was
         # run for), and the projections are single matmuls (project, up), so only elementwise work is redone.
-        q, k, v = checkpoint(self._normed_qkv, x, use_reentrant=False)
+        ff = self.feed_forward
+        q, k, v = _recomputed(self.attention.stacked, self._normed_qkv, x)
         x = x + self.attention.attend(q, k, v, cos, sin, cache, start_pos, mask)
-        a, b = checkpoint(self._normed_up, x, use_reentrant=False)
-        return x + self.feed_forward.dropout(checkpoint(self.feed_forward.down, a, b, use_reentrant=False))
+        a, b = _recomputed(ff.stacked, self._normed_up, x)
+        return x + ff.dropout(_recomputed(type(ff.w2) is nn.Linear, ff.down, a, b))
 
     def _normed_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.attention.project(self.attention_norm(x))
 
     def _normed_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.feed_forward.up(self.ffn_norm(x))
+
+
+def _recomputed(single_matmul: bool, fn, *args: torch.Tensor):
+    """fn(*args), its activations recomputed in backward when its matmul is a single one (the recomputation
+    stops before it). With LoRA adapters on those layers it would redo their other matmuls: computed plainly."""
+    return checkpoint(fn, *args, use_reentrant=False) if single_matmul else fn(*args)
 
 
 def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
