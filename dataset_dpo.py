@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from dataset_sft import (DEFAULT_BUCKET_BATCHES, IGNORE_INDEX, Cut, SampleAccumulator, SFTDataError, SFTDataset,
-                         SFTSamples, SFTStats, Turn, encode_turns, fit_turns, iter_sft_csv, layout_sample, read_sources,
-                         row_key)
+                         SFTSamples, SFTStats, Turn, encode_turns, fit_turns, iter_csv_answers, layout_sample,
+                         read_sources, row_key)
 
 
 @dataclass
@@ -60,7 +60,7 @@ def fit_pair(context: list[Turn], chosen: list[int], rejected: list[int],
     return pair[0], pair[1], cut, cuts[0], cuts[1]
 
 
-def tokenize_pairs(chunks: Iterable[tuple[list, list]], tokenizer, max_seq_len: int, val_fraction: float,
+def tokenize_pairs(chunks: Iterable[list[list]], tokenizer, max_seq_len: int, val_fraction: float,
                    stats: DPOStats, progress: bool = True) -> tuple[tuple[SFTSamples, SFTSamples], ...]:
     """((train chosen, train rejected), (val chosen, val rejected)) from chunks of (chosen conversations,
     rejected conversations); index i of a chosen and a rejected SFTSamples is the same pair."""
@@ -151,7 +151,7 @@ def build_dpo_datasets(path: str, tokenizer, max_seq_len: int, micro_batch_size:
     if max_seq_len < 2:
         raise SFTDataError(f"max_seq_len={max_seq_len}: a DPO sample needs at least 2 positions")
     stats = DPOStats(path=path)
-    chunks = zip(iter_sft_csv(path, answer_column="chosen"), iter_sft_csv(path, answer_column="rejected"))
+    chunks = iter_csv_answers(path, ("chosen", "rejected"))
     (train_c, train_r), (val_c, val_r) = tokenize_pairs(chunks, tokenizer, max_seq_len, val_fraction, stats,
                                                         progress)
     stats.train_samples, stats.val_samples = len(train_c), len(val_c)

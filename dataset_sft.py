@@ -124,26 +124,26 @@ def _parse_history(text: str) -> list[tuple[str, str]]:
 
 
 def _frame_conversations(frame: pd.DataFrame, path: str, first_row: int,
-                         answer_column: str = "answer") -> list[list[tuple[str, str]]]:
-    """Conversations of one chunk of CSV rows, the last answer from `answer_column` (dpo_data.csv: chosen or
-    rejected); `first_row` is the chunk's 0-based row in the file. Only prompt and the answer column are
-    required: history and source are optional, so seed-style CSVs load too."""
-    missing = [c for c in ("prompt", answer_column) if c not in frame.columns]
+                         answer_columns: tuple[str, ...] = ("answer",)) -> list[list[list[tuple[str, str]]]]:
+    """Conversations of one chunk of CSV rows, one list per answer column (dpo_data.csv: chosen and rejected,
+    the same history and prompt before each); `first_row` is the chunk's 0-based row in the file. Only prompt
+    and the answer columns are required: history and source are optional, so seed-style CSVs load too."""
+    missing = [c for c in ("prompt", *answer_columns) if c not in frame.columns]
     if missing:
-        expected = "prompt, answer, history, source" if answer_column == "answer" else \
+        expected = "prompt, answer, history, source" if answer_columns == ("answer",) else \
             "prompt, chosen, rejected, history, source"
         raise SFTDataError(f"{path}: line 1: missing column(s) {', '.join(missing)} (expected {expected})")
     histories = frame["history"].tolist() if "history" in frame.columns else [""] * len(frame)
-    conversations = []
-    for row, (prompt, answer, history) in enumerate(zip(frame["prompt"].tolist(), frame[answer_column].tolist(),
-                                                        histories), start=first_row):
+    answers = [frame[column].tolist() for column in answer_columns]
+    per_column: list[list[list[tuple[str, str]]]] = [[] for _ in answer_columns]
+    for row, (prompt, history) in enumerate(zip(frame["prompt"].tolist(), histories), start=first_row):
         try:
             turns = _parse_history(history)
         except ValueError as exc:
             raise SFTDataError(f"{path}:{_csv_line_of_row(path, row)}: field history: {exc}") from None
-        turns.append((prompt, answer))
-        conversations.append(turns)
-    return conversations
+        for conversations, column in zip(per_column, answers):
+            conversations.append(turns + [(prompt, column[row - first_row])])
+    return per_column
 
 
 def _csv_error(path: str, exc: Exception) -> SFTDataError:
@@ -158,11 +158,12 @@ def _csv_error(path: str, exc: Exception) -> SFTDataError:
     return SFTDataError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})")
 
 
-def _chunks(reader: Iterator[pd.DataFrame], path: str, answer_column: str) -> Iterator[list[list[tuple[str, str]]]]:
+def _chunks(reader: Iterator[pd.DataFrame], path: str,
+            answer_columns: tuple[str, ...]) -> Iterator[list[list[list[tuple[str, str]]]]]:
     rows = 0
     try:
         for frame in reader:
-            yield _frame_conversations(frame, path, rows, answer_column)
+            yield _frame_conversations(frame, path, rows, answer_columns)
             rows += len(frame)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise _csv_error(path, exc) from None
@@ -170,13 +171,13 @@ def _chunks(reader: Iterator[pd.DataFrame], path: str, answer_column: str) -> It
         raise SFTDataError(f"{path}: has a header but no rows")
 
 
-def iter_sft_csv(path: str, chunk_rows: int = TOKENIZE_CHUNK_ROWS,
-                 answer_column: str = "answer") -> Iterator[list[list[tuple[str, str]]]]:
-    """Chunks of conversations (lists of (prompt, answer) turns, oldest first) from an SFT CSV, streamed so
-    memory holds one chunk of text at a time. A preference CSV reads as the conversations ending in its
-    `answer_column="chosen"` (or "rejected") answers. Raises SFTDataError naming the file (and line and field)
-    for a missing file, a missing column, an unparsable CSV, no rows, or a malformed history; a missing
-    or empty file is refused at once, before any chunk is read."""
+def iter_csv_answers(path: str, answer_columns: tuple[str, ...],
+                     chunk_rows: int = TOKENIZE_CHUNK_ROWS) -> Iterator[list[list[list[tuple[str, str]]]]]:
+    """Chunks of an SFT or preference CSV, each a list per answer column of conversations (lists of (prompt,
+    answer) turns, oldest first, ending in that column's answer), streamed so memory holds one chunk of text
+    at a time and the file is parsed once whatever the columns. Raises SFTDataError naming the file (and line
+    and field) for a missing file, a missing column, an unparsable CSV, no rows, or a malformed history; a
+    missing or empty file is refused at once, before any chunk is read."""
     if not os.path.isfile(path):
         raise SFTDataError(f"{path}: no such file (make it with: python sft_data_process.py --out {path})")
     try:
@@ -184,7 +185,12 @@ def iter_sft_csv(path: str, chunk_rows: int = TOKENIZE_CHUNK_ROWS,
         reader = pd.read_csv(path, keep_default_na=False, dtype=str, chunksize=chunk_rows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise _csv_error(path, exc) from None
-    return _chunks(reader, path, answer_column)
+    return _chunks(reader, path, answer_columns)
+
+
+def iter_sft_csv(path: str, chunk_rows: int = TOKENIZE_CHUNK_ROWS) -> Iterator[list[list[tuple[str, str]]]]:
+    """Chunks of conversations of an SFT CSV (its `answer` column): see iter_csv_answers."""
+    return (chunk for chunk, in iter_csv_answers(path, ("answer",), chunk_rows))
 
 
 def read_sources(path: str) -> np.ndarray | None:

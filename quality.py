@@ -77,11 +77,11 @@ def _tables() -> dict[str, np.ndarray]:
     return _TABLES
 
 
-def measure(texts: list[str], dup10_above: float = 0.0) -> dict[str, np.ndarray]:
+def measure(texts: list[str], dup10_above: float = 0.0, ngrams: bool = True) -> dict[str, np.ndarray]:
     """Per text, over its non-whitespace characters: their number (chars) and the shares of Chinese
     characters, digits and symbols, and of characters covered by repeated character 5- and 10-grams
-    (Gopher's duplicated n-gram character fraction, over characters instead of words). All texts at
-    once in numpy."""
+    (Gopher's duplicated n-gram character fraction, over characters instead of words; the costly part,
+    left out with ngrams=False). All texts at once in numpy."""
     tables = _tables()
     lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
@@ -101,6 +101,8 @@ def measure(texts: list[str], dup10_above: float = 0.0) -> dict[str, np.ndarray]
     symbol = np.where(codes < (1 << 16), tables["symbol"][np.minimum(codes, (1 << 16) - 1)],
                       (codes >= 0x1F000) & (codes <= 0x1FAFF))
     out = {"chars": chars, "chinese": share(cjk), "digits": share(digit), "symbols": share(symbol)}
+    if not ngrams:
+        return out
     codes = codes.astype(np.uint64)
     out["dup_5grams"] = _dup_ngram_share(codes, doc, chars, 5)
     # a repeated 10-gram is made of repeated 5-grams, so dup_10grams <= dup_5grams: only texts whose
@@ -208,11 +210,16 @@ def judge(raw_texts: list[str], cfg: QualityConfig, rules: list[Rule] = RULES) -
     The boilerplate share is measured before the edit removes those lines; every other measure after."""
     has_boilerplate = [_BOILERPLATE.search(t) is not None for t in raw_texts]
     edited = [edit_text(t, cfg, has) for t, has in zip(raw_texts, has_boilerplate)]
-    measures = measure(edited, dup10_above=cfg.max_dup_10gram_chars)
-    measures["boilerplate"] = np.array([boilerplate_share(t) if has else 0.0
-                                        for t, has in zip(raw_texts, has_boilerplate)])
-    measures["dup_lines"] = np.array([dup_line_share(t) for t in edited])
-    measures["urls"] = np.array([url_share(t) for t in edited])
+    needed = {rule.measure for rule in rules}   # only what the active rules read is measured
+    measures = measure(edited, dup10_above=cfg.max_dup_10gram_chars,
+                       ngrams=bool(needed & {"dup_5grams", "dup_10grams"}))
+    if "boilerplate" in needed:
+        measures["boilerplate"] = np.array([boilerplate_share(t) if has else 0.0
+                                            for t, has in zip(raw_texts, has_boilerplate)])
+    if "dup_lines" in needed:
+        measures["dup_lines"] = np.array([dup_line_share(t) for t in edited])
+    if "urls" in needed:
+        measures["urls"] = np.array([url_share(t) for t in edited])
     failed: list[str | None] = [None] * len(raw_texts)
     for rule in reversed(rules):   # the first rule that fails wins
         limit = getattr(cfg, rule.limit)

@@ -123,6 +123,21 @@ def test_each_quality_rule(rule):
     assert quality.judge([bad, good], cfg)[1] == [rule, None]
 
 
+@pytest.mark.parametrize("rule", quality.RULE_NAMES)
+def test_one_rule_alone_decides_as_among_all_and_measures_only_what_it_reads(rule, monkeypatch):
+    """With only some rules on, judge measures only what they read: the n-gram pass (the costly one) runs
+    for the repeated-n-gram rules alone, and the decisions are those of the same rule among all."""
+    cases = [text for pair in QUALITY_CASES.values() for text in pair]
+    cfg = quality.QualityConfig()
+    rules = [r for r in quality.RULES if r.name == rule]
+    among_all = [name if name == rule else None for name in quality.judge(cases, cfg)[1]]
+    if "grams" not in rule:
+        monkeypatch.setattr(quality, "_dup_ngram_share", lambda *a: pytest.fail("n-grams measured for " + rule))
+    alone = quality.judge(cases, cfg, rules)[1]
+    # among all rules an earlier failing rule hides this one; alone it may show there as well
+    assert all(a == b or (a is None and b == rule) for a, b in zip(among_all, alone)) and rule in alone
+
+
 def test_edits_collapse_punctuation_and_drop_boilerplate_lines():
     cfg = quality.QualityConfig()
     assert quality.edit_text("太好了！！！真的吗？？？好吧。。。。等等……………", cfg) == "太好了！真的吗？好吧。等等……"
