@@ -96,3 +96,19 @@ def test_training_keeps_only_what_a_matmul_would_recompute():
     with unittest.mock.patch.object(model, "checkpoint", lambda fn, *a, use_reentrant: fn(*a)):
         plain = saved_activation_bytes(net, x)
     assert plain - saved >= layers * f32 * B * T * (2 * dim + args.ffn_hidden_dim)
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    """trainer.wrap_model compiles each block on CUDA (and on CPU with --compile=true): the recomputed regions
+    must trace and give the same step."""
+    torch.manual_seed(0)
+    net = spread(Transformer(model_args_from_preset("tiny", vocab_size=300, max_seq_len=16, dim=32, n_layers=1,
+                                                    n_heads=4))).train()
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    loss, grads = loss_and_grads(net, x, y)
+    for block in net.layers:
+        block.compile()
+    compiled_loss, compiled_grads = loss_and_grads(net, x, y)
+    assert compiled_loss == pytest.approx(loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
