@@ -48,6 +48,19 @@ def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _chunk_rows(device: torch.device, vocab: int) -> int:
+    """Positions per chunk: CHUNK_ELEMENTS fp32 logits of the vocabulary."""
+    return max(1, CHUNK_ELEMENTS.get(device.type, 2 ** 26) // vocab)
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight [vocab, dim] fp32 += grad_logits [c, vocab]^T @ h [c, dim], in place when h is fp32."""
+    if h.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits.T, h)
+    else:
+        grad_weight += (grad_logits.T.to(h.dtype) @ h).float()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed token cross-entropy of hidden [N, dim] @ weight [vocab, dim]^T against targets [N]."""
 
@@ -56,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 compute_dtype: torch.dtype, grad_h: bool, grad_w: bool) -> torch.Tensor:
         """grad_h / grad_w: whether hidden / weight need a gradient (a frozen output layer under LoRA needs none:
         its [vocab, dim] matmul per chunk is skipped)."""
-        chunk_rows = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2 ** 26) // weight.shape[0])
+        chunk_rows = _chunk_rows(hidden.device, weight.shape[0])
         w = weight.to(compute_dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with_grad = grad_h or grad_w
@@ -84,11 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk_rows] = ((exp.to(compute_dtype) @ w) * scale - target_w
                                                          ).to(hidden.dtype)
             if grad_w:
-                scaled_h = (h * scale.to(compute_dtype))                    # [c, dim]
-                if compute_dtype == torch.float32:
-                    grad_weight.addmm_(exp.T, scaled_h)                     # [vocab, dim]
-                else:
-                    grad_weight += (exp.T.to(compute_dtype) @ scaled_h).float()
+                _add_weight_grad(grad_weight, exp, h * scale.to(compute_dtype))   # [vocab, dim]
                 grad_weight.index_add_(0, safe_t, (h * valid[:, None]).float(), alpha=-1.0)
         ctx.grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return loss
@@ -121,7 +130,7 @@ class _TargetLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 compute_dtype: torch.dtype) -> torch.Tensor:
-        chunk_rows = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2 ** 26) // weight.shape[0])
+        chunk_rows = _chunk_rows(hidden.device, weight.shape[0])
         w = weight.to(compute_dtype)
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         target_logit = torch.empty_like(lse)
@@ -150,7 +159,7 @@ class _TargetLogProbs(torch.autograd.Function):
             if need_h:
                 grad_hidden[start:start + chunk_rows] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
             if need_w:
-                grad_weight += (grad_logits.T.to(dtype) @ h).float()
+                _add_weight_grad(grad_weight, grad_logits, h)
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 

@@ -209,9 +209,10 @@ class Attention(nn.Module):
         return self.attend(*self.project(x), cos, sin, cache, start_pos, mask)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, T, H * hd], k and v [B, T, KV * hd]: one matmul with the three weights stacked (when none carries
-        LoRA adapters), which Block's activation recomputation needs (see Block.forward)."""
-        if not self.stacked:
+        """q [B, T, H * hd], k and v [B, T, KV * hd]. In training one matmul with the three weights stacked (when
+        none carries LoRA adapters), which Block's activation recomputation needs (see Block.forward); without
+        gradients three, so decoding does not copy the weights at every token."""
+        if not (self.stacked and torch.is_grad_enabled()):
             return self.wq(x), self.wk(x), self.wv(x)
         weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
         return F.linear(x, weight).split((self.wq.out_features, self.wk.out_features, self.wv.out_features), -1)
@@ -272,9 +273,8 @@ class FeedForward(nn.Module):
         return self.dropout(self.down(*self.up(x)))
 
     def up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w1 x, w3 x) [B, T, ffn_hidden_dim] each: one matmul with both weights stacked (when neither carries
-        LoRA adapters), which Block's activation recomputation needs."""
-        if self.stacked:
+        """(w1 x, w3 x) [B, T, ffn_hidden_dim] each; stacked into one matmul in training, as in Attention.project."""
+        if self.stacked and torch.is_grad_enabled():
             return F.linear(x, torch.cat((self.w1.weight, self.w3.weight))).chunk(2, dim=-1)
         return self.w1(x), self.w3(x)
 

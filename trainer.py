@@ -184,7 +184,7 @@ class StageLoss(Protocol):
     """What a stage minimises (train() defaults to TokenLoss). A step's loss is the sum of __call__ over its micro
     batches, all ranks, divided by the global sum of count(y): the units the loss is a mean over (target tokens
     for language modelling, preference pairs for DPO). Named metrics are summed the same way (take_metrics) and
-    logged as means over those units."""
+    logged as means over those units. Optional labels, TokenLoss's where missing: unit, batch_item, plot_label."""
 
     def count(self, y: torch.Tensor) -> int: ...
     def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
@@ -193,6 +193,9 @@ class StageLoss(Protocol):
 
 class TokenLoss:
     """Pretraining and SFT: summed cross-entropy over the target tokens (y != -100); the step averages per token."""
+    unit = "per target token"          # what the step's loss is a mean over (the final summary line)
+    batch_item = "seqs"                # what --micro_batch_size counts (the run description)
+    plot_label = "cross-entropy loss (nats/token)"   # loss.png's y axis
 
     def count(self, y: torch.Tensor) -> int:
         return int((y != -100).sum())
@@ -321,7 +324,7 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_losses(metrics_path: str, png_path: str, ylabel: str = "cross-entropy loss (nats/token)") -> None:
+def plot_losses(metrics_path: str, png_path: str, ylabel: str = TokenLoss.plot_label) -> None:
     """loss.png: train and validation loss against tokens seen, from metrics.jsonl; a dashed curve per source."""
     import matplotlib
     matplotlib.use("Agg")
@@ -486,7 +489,7 @@ def save_checkpoint(run: Run) -> None:
     _on_rank0(run.ctx, write)
     if run.logger is not None:
         # at every checkpoint: a run stopped later still has a recent loss.png
-        run.logger.plot(getattr(run.loss_fn, "plot_label", "cross-entropy loss (nats/token)"))
+        run.logger.plot(getattr(run.loss_fn, "plot_label", TokenLoss.plot_label))
 
 
 def save_best(run: Run, val_loss: float) -> None:
@@ -794,9 +797,9 @@ def describe_run(run: Run) -> str:
              f"model: {params / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M without the embedding), "
              f"{run.flops_per_token / 1e9:.3f} GFLOP/token at seq {p.seq_len}",
              *([_describe_lora(run)] if run.lora else []),
-             f"batch: {cfg.micro_batch_size} {getattr(run.loss_fn, 'batch_item', 'seqs')} x {p.seq_len} tokens x "
-             f"{p.grad_accum_steps} accum x "
-             f"{ctx.world_size} ranks = {up_to}{p.step_tokens:,} tokens/step",
+             f"batch: {cfg.micro_batch_size} {getattr(run.loss_fn, 'batch_item', TokenLoss.batch_item)} x "
+             f"{p.seq_len} tokens x {p.grad_accum_steps} accum x {ctx.world_size} ranks = {up_to}"
+             f"{p.step_tokens:,} tokens/step",
              f"data: {describe() if describe else f'{len(run.train_ds):,} micro batches per epoch per rank'}",
              f"val: {val_describe() if val_describe else ('yes' if run.val_ds is not None else 'none')}",
              f"run: {p.max_iters:,} steps = {up_to}{total_tokens:,} tokens = {epochs:.2f} epochs = "
@@ -1031,7 +1034,7 @@ def train(cfg: TrainConfig, ctx: DistContext, model_args: ModelArgs, train_ds: B
     if ctx.is_master:
         val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
         print(f"done: {summary['step']:,} steps, {summary['tokens_seen']:,} tokens, train loss "
-              f"({getattr(run.loss_fn, 'unit', 'per target token')}) "
+              f"({getattr(run.loss_fn, 'unit', TokenLoss.unit)}) "
               f"{summary['train_loss']:.4f}{val}; checkpoint {summary['checkpoint']}")
     return summary
 

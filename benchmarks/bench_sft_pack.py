@@ -14,8 +14,8 @@ accumulates as many micro batches as it takes to hold about as many conversation
 the runs take about as many optimizer steps of the same size. Reported: learned answer tokens per second of
 training step time, the answer tokens' share of the positions computed, steps, and the validation loss (the same
 held-out split, padded, at each quarter of the run) against answer tokens trained: the loss curve packing must
-keep. Without --csv it converts
-../shared/realdata/medical_sft_1K_format.jsonl with sft_data_process.py into a temporary folder.
+keep. Without --csv it converts ../shared/realdata/medical_sft_1K_format.jsonl with sft_data_process.py into a
+temporary folder.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ sys.path.insert(0, REPO)
 import sft  # noqa: E402
 import trainer  # noqa: E402
 from chatglm_tokenizer import load_tokenizer, tokenizer_identity  # noqa: E402
+from dataset_sft import DEFAULT_BUCKET_BATCHES  # noqa: E402
 from train_config import parse_config  # noqa: E402
 
 REAL_SAMPLE = os.path.join(os.path.dirname(REPO), "shared", "realdata", "medical_sft_1K_format.jsonl")
@@ -49,14 +50,14 @@ def val_loss(run: trainer.Run) -> float:
     return trainer.evaluate(run)["val_loss"]
 
 
-def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str, accum: int, bucket_batches: int = 32
-               ) -> dict:
+def build_mode(opts: argparse.Namespace, csv: str, pack: bool, out_dir: str, accum: int,
+               bucket_batches: int = DEFAULT_BUCKET_BATCHES) -> dict:
     """A trainer Run in one mode (same seed, so the same initial weights) and the counters of its progress."""
     argv = [f"--data={csv}", f"--out_dir={out_dir}", f"--preset={opts.preset}", f"--seq_len={opts.seq_len}",
             f"--micro_batch_size={opts.micro_batch_size}", f"--grad_accum_steps={accum}", f"--epochs={opts.epochs}",
             f"--lr={opts.lr}", f"--min_lr={opts.lr / 10}", "--warmup_iters=0", f"--val_fraction={opts.val_fraction}",
-            "--eval_iters=1000", f"--pack={pack}", f"--bucket_batches={bucket_batches}", f"--tokenizer={opts.tokenizer}",
-            "--overwrite"]
+            "--eval_iters=1000", f"--pack={pack}", f"--bucket_batches={bucket_batches}",
+            f"--tokenizer={opts.tokenizer}", "--overwrite"]
     cfg = parse_config(argv, sft.DEFAULTS)
     ctx = trainer.setup_distributed()
     identity = tokenizer_identity(opts.tokenizer)
